@@ -1,0 +1,81 @@
+//! What the agent tells the outside world about itself: a broadcast of events
+//! (tests and the demo wait on these instead of sleeping) and per-child
+//! counters (restarts, panics), readable at any time.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use crate::messages::ChildId;
+
+/// Something that happened in the agent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentEvent {
+    ChildStarted { child: ChildId, generation: u64 },
+    ChildFailed { child: ChildId, reason: String, panicked: bool },
+    ChildRestartScheduled { child: ChildId, restarts_in_window: u32, delay: Duration },
+    RestartIntensityExceeded { child: ChildId, restarts: u32, window: Duration },
+    GatewayConnected { gateway_id: String },
+    GatewayDisconnected { reason: String },
+    ConfigApplied { version: String, sources: usize },
+    ConfigRejected { version: String, reason: String },
+    SourceStarted { name: String, generation: u64 },
+    SourceStopped { name: String },
+    SourceInvalid { name: String, reason: String },
+    RunStaged { source: String, run_id: String, devices: u64 },
+    RunSkipped { source: String, reason: String },
+    ChunkSent { source: String, run_id: String, chunk_index: u32, total_chunks: u32 },
+    RunDelivered { source: String, run_id: String, devices: u64, chunks: u32 },
+    RunReported { source: String, run_id: String, ok: bool, error: Option<String> },
+}
+
+/// Counters for one supervised child.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChildStats {
+    pub starts: u64,
+    pub restarts: u64,
+    pub panics: u64,
+    pub failures: u64,
+}
+
+/// Shared by all actors through [`super::AgentContext`].
+pub struct Telemetry {
+    events: broadcast::Sender<AgentEvent>,
+    children: Mutex<BTreeMap<ChildId, ChildStats>>,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        // Large enough that a test reading events while 10 runs stream past
+        // does not lag; a lagging reader only loses events, never blocks us.
+        let (events, _) = broadcast::channel(4096);
+        Self {
+            events,
+            children: Mutex::default(),
+        }
+    }
+}
+
+impl Telemetry {
+    pub fn emit(&self, event: AgentEvent) {
+        let _ = self.events.send(event);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<AgentEvent> {
+        self.events.subscribe()
+    }
+
+    /// Updates one child's counters.
+    pub fn with_child(&self, child: &ChildId, f: impl FnOnce(&mut ChildStats)) {
+        if let Ok(mut map) = self.children.lock() {
+            f(map.entry(child.clone()).or_default());
+        }
+    }
+
+    /// A snapshot of every child's counters.
+    pub fn children(&self) -> BTreeMap<ChildId, ChildStats> {
+        self.children.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+}

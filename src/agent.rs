@@ -1,0 +1,77 @@
+//! Starting and running the agent: the supervision tree inside an actix System.
+
+use std::sync::Arc;
+
+use actix::{Actor, Addr};
+
+use crate::actors::{AgentContext, Supervisor};
+use crate::config::bootstrap::Bootstrap;
+use crate::messages::Shutdown;
+
+/// A running agent inside the current actix System.
+pub struct AgentHandle {
+    pub context: Arc<AgentContext>,
+    pub supervisor: Addr<Supervisor>,
+}
+
+impl AgentHandle {
+    /// Stops the supervision tree (children are not restarted).
+    pub fn shutdown(&self) {
+        self.supervisor.do_send(Shutdown);
+    }
+}
+
+/// Starts the supervision tree. Must be called inside an actix System.
+pub fn start(bootstrap: Bootstrap) -> AgentHandle {
+    for warning in &bootstrap.warnings {
+        tracing::warn!("{warning}");
+    }
+    let context = AgentContext::new(bootstrap);
+    let supervisor = Supervisor::new(context.clone()).start();
+    AgentHandle { context, supervisor }
+}
+
+/// Runs the agent until SIGINT/SIGTERM or a restart-intensity escalation;
+/// returns the process exit code.
+pub fn run(bootstrap: Bootstrap) -> anyhow::Result<i32> {
+    let system = actix_rt::System::new();
+    system.block_on(async move {
+        tracing::info!(
+            agent_id = %bootstrap.agent_id,
+            gateway = %bootstrap.gateway_addr,
+            version = crate::VERSION,
+            "starting serviceradar-agent"
+        );
+        let handle = start(bootstrap);
+        actix_rt::spawn(async move {
+            wait_for_termination().await;
+            tracing::info!("termination signal received; stopping");
+            handle.shutdown();
+            actix_rt::System::current().stop();
+        });
+    });
+    Ok(system.run_with_code()?)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn wait_for_termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

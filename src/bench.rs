@@ -1,0 +1,187 @@
+//! `serviceradar-agent bench`: Faker devices through the agent pipeline
+//! (generate → stage on disk → chunk → StreamStatus over mTLS) to a loopback
+//! gateway that only validates and acknowledges.
+//!
+//! The gateway runs in this process; the agent runs in a child process
+//! (`bench-agent`) so its peak RSS is measured alone.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::actors::telemetry::AgentEvent;
+use crate::config::bootstrap::Bootstrap;
+use crate::gateway::{self, AgentSources, GatewayConfig};
+use crate::{agent, pki};
+
+const AGENT_ID: &str = "bench-agent";
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Run sizes (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+    pub devices: Vec<u64>,
+    /// Working directory (PKI, staging).
+    #[arg(long, default_value = "bench-state")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchAgentArgs {
+    #[arg(long)]
+    pub bootstrap: PathBuf,
+}
+
+/// What one agent process measured.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct AgentMeasurement {
+    pub devices: u64,
+    pub chunks: u32,
+    /// From the first device generated to the last chunk acknowledged.
+    pub run_seconds: f64,
+    pub peak_rss_kib: u64,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<i32> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_async(args))
+}
+
+async fn run_async(args: BenchArgs) -> anyhow::Result<i32> {
+    let layout = pki::create_dev_pki(
+        &args.state_dir.join("certs"),
+        &["localhost".to_owned()],
+        &[(AGENT_ID.to_owned(), "default".to_owned())],
+    )?;
+    let exe = std::env::current_exe()?;
+    println!("{:>10}  {:>8}  {:>10}  {:>12}  {:>13}", "devices", "chunks", "seconds", "devices/s", "agent peak RSS");
+    let mut results = Vec::new();
+    for &n in &args.devices {
+        let mut sources = serde_json::Map::new();
+        sources.insert(
+            "Bench Faker".to_owned(),
+            json!({"type": "faker", "credentials": {"total_devices": n.to_string(), "seed": "1"}, "discovery_interval": "24h"}),
+        );
+        let gw = gateway::start(GatewayConfig {
+            listen: "127.0.0.1:0".to_owned(),
+            gateway_id: "bench-gateway".to_owned(),
+            tls: layout.gateway(),
+            allow_tls12: false,
+            database: None,
+            heartbeat_interval_sec: 30,
+            config_poll_interval_sec: 3600,
+            agents: BTreeMap::from([(AGENT_ID.to_owned(), AgentSources { sources })]),
+        })
+        .await?;
+        let agent_dir = args.state_dir.join(format!("agent-{n}"));
+        let _ = std::fs::remove_dir_all(&agent_dir);
+        std::fs::create_dir_all(&agent_dir)?;
+        let files = layout.agent(AGENT_ID);
+        let bootstrap = agent_dir.join("agent.json");
+        std::fs::write(
+            &bootstrap,
+            serde_json::to_vec_pretty(&json!({
+                "agent_id": AGENT_ID, "gateway_addr": gw.local_addr().to_string(),
+                "gateway_security": {"mode": "mtls", "server_name": "localhost", "tls": {
+                    "cert_file": files.cert_file.canonicalize()?, "key_file": files.key_file.canonicalize()?,
+                    "ca_file": files.ca_file.canonicalize()?}},
+                "state_dir": agent_dir.canonicalize()?,
+            }))?,
+        )?;
+        let output = tokio::process::Command::new(&exe)
+            .arg("bench-agent")
+            .arg("--bootstrap")
+            .arg(&bootstrap)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .await
+            .context("running the bench agent")?;
+        if !output.status.success() {
+            bail!("bench agent for {n} devices failed: {}", output.status);
+        }
+        let m: AgentMeasurement = serde_json::from_slice(&output.stdout)
+            .with_context(|| format!("bench agent output: {}", String::from_utf8_lossy(&output.stdout)))?;
+        let received = gw.stats().devices_received;
+        gw.shutdown().await;
+        if m.devices != n || received != n {
+            bail!("expected {n} devices, agent delivered {} and gateway validated {received}", m.devices);
+        }
+        println!(
+            "{:>10}  {:>8}  {:>10.2}  {:>12.0}  {:>10} MiB",
+            n,
+            m.chunks,
+            m.run_seconds,
+            n as f64 / m.run_seconds,
+            m.peak_rss_kib / 1024
+        );
+        results.push(m);
+        let _ = std::fs::remove_dir_all(&agent_dir);
+    }
+    if let [small, .., large] = results.as_slice() {
+        println!(
+            "peak RSS ratio {} / {} devices: {:.2}",
+            large.devices,
+            small.devices,
+            large.peak_rss_kib as f64 / small.peak_rss_kib as f64
+        );
+    }
+    Ok(0)
+}
+
+/// The agent side: start the agent, wait for the first delivered run, print
+/// the measurement as JSON on stdout and exit.
+pub fn run_agent(args: BenchAgentArgs) -> anyhow::Result<i32> {
+    let bootstrap = Bootstrap::load(&args.bootstrap)?;
+    let system = actix_rt::System::new();
+    let measurement = system.block_on(async move {
+        let handle = agent::start(bootstrap);
+        let mut events = handle.context.telemetry.subscribe();
+        let mut run_started = None;
+        loop {
+            match events.recv().await {
+                Ok(AgentEvent::SourceStarted { .. }) => {
+                    run_started.get_or_insert_with(Instant::now);
+                }
+                Ok(AgentEvent::RunDelivered { devices, chunks, .. }) => {
+                    let seconds = run_started.map(|t| t.elapsed().as_secs_f64()).unwrap_or_default();
+                    handle.shutdown();
+                    return Ok(AgentMeasurement {
+                        devices,
+                        chunks,
+                        run_seconds: seconds,
+                        peak_rss_kib: peak_rss_kib(),
+                    });
+                }
+                Ok(AgentEvent::RunReported { ok: false, error, .. }) => {
+                    bail!("run failed: {}", error.unwrap_or_default())
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => bail!("agent events ended: {e}"),
+            }
+        }
+    })?;
+    println!("{}", serde_json::to_string(&measurement)?);
+    Ok(0)
+}
+
+/// Peak resident set size of this process (VmHWM), in KiB.
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}

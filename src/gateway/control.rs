@@ -1,0 +1,129 @@
+//! Open ControlStreams, one per agent: the gateway's way to push config and
+//! commands to agents that only ever dial out.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+use super::{unix_now, GatewayError};
+use crate::proto::control_stream_response::Payload;
+use crate::proto::{CommandRequest, ControlStreamResponse};
+
+/// Messages waiting for a slow agent; beyond this, sends fail instead of
+/// buffering without bound.
+const CONTROL_BUFFER: usize = 64;
+/// How long an agent should consider a command valid.
+const COMMAND_TTL_SECONDS: i64 = 300;
+
+pub(crate) type ControlSender = mpsc::Sender<Result<ControlStreamResponse, Status>>;
+pub(crate) type ControlReceiver = mpsc::Receiver<Result<ControlStreamResponse, Status>>;
+
+struct Entry {
+    /// Distinguishes a reconnected stream from the one it replaced, so the old
+    /// stream's cleanup does not unregister the new one.
+    connection: u64,
+    sender: ControlSender,
+    /// Dropped with the entry: tells the stream's reader to stop, so both
+    /// halves of the RPC end (otherwise an agent's open request stream keeps
+    /// the connection, and graceful shutdown, waiting).
+    _closed: oneshot::Sender<()>,
+}
+
+/// One registered stream: its id, outbound messages, and a signal that
+/// resolves once the registry has dropped it (replaced, or shutdown).
+pub(crate) struct Registration {
+    pub connection: u64,
+    pub outbound: ControlReceiver,
+    pub closed: oneshot::Receiver<()>,
+}
+
+#[derive(Default)]
+pub(crate) struct ControlRegistry {
+    streams: Mutex<HashMap<String, Entry>>,
+    next_connection: AtomicU64,
+}
+
+impl ControlRegistry {
+    /// Registers a new stream for the agent, replacing (and thereby ending)
+    /// any previous one.
+    pub fn register(&self, agent_id: &str) -> Registration {
+        let (sender, outbound) = mpsc::channel(CONTROL_BUFFER);
+        let (closed_tx, closed) = oneshot::channel();
+        let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let entry = Entry {
+            connection,
+            sender,
+            _closed: closed_tx,
+        };
+        self.lock().insert(agent_id.to_owned(), entry);
+        Registration {
+            connection,
+            outbound,
+            closed,
+        }
+    }
+
+    pub fn unregister(&self, agent_id: &str, connection: u64) {
+        let mut streams = self.lock();
+        if streams.get(agent_id).is_some_and(|e| e.connection == connection) {
+            streams.remove(agent_id);
+        }
+    }
+
+    pub fn is_connected(&self, agent_id: &str) -> bool {
+        self.lock().contains_key(agent_id)
+    }
+
+    pub fn send(&self, agent_id: &str, payload: Payload) -> Result<(), GatewayError> {
+        let streams = self.lock();
+        let entry = streams
+            .get(agent_id)
+            .ok_or_else(|| GatewayError::AgentNotConnected(agent_id.to_owned()))?;
+        entry
+            .sender
+            .try_send(Ok(ControlStreamResponse { payload: Some(payload) }))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => GatewayError::ControlStreamFull(agent_id.to_owned()),
+                mpsc::error::TrySendError::Closed(_) => GatewayError::AgentNotConnected(agent_id.to_owned()),
+            })
+    }
+
+    /// Ends every stream (their response streams complete).
+    pub fn close_all(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Builds and sends a command; returns its id.
+pub(crate) fn send_command(
+    registry: &ControlRegistry,
+    agent_id: &str,
+    command_type: &str,
+    payload: &serde_json::Value,
+) -> Result<String, GatewayError> {
+    if command_type.trim().is_empty() {
+        return Err(GatewayError::InvalidCommand("command_type is empty".into()));
+    }
+    let payload_json =
+        serde_json::to_vec(payload).map_err(|e| GatewayError::InvalidCommand(format!("payload: {e}")))?;
+    let command_id = uuid::Uuid::new_v4().to_string();
+    registry.send(
+        agent_id,
+        Payload::Command(CommandRequest {
+            command_id: command_id.clone(),
+            command_type: command_type.to_owned(),
+            payload_json,
+            ttl_seconds: COMMAND_TTL_SECONDS,
+            created_at: unix_now(),
+        }),
+    )?;
+    tracing::info!(agent_id, command_id = %command_id, command_type, "command sent");
+    Ok(command_id)
+}

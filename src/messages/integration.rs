@@ -1,0 +1,13 @@
+//! Messages to integration actors.
+
+use actix::Message;
+
+/// Run the source now (`sync.run_now`). Fails when a run is in progress.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "Result<(), String>")]
+pub struct RunNow;
+
+/// Stop the source for good (it vanished from the config or changed).
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct StopSource;

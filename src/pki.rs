@@ -1,0 +1,226 @@
+//! A development PKI: one CA, a gateway server certificate and agent client
+//! certificates in the naming scheme the gateway understands
+//! (CN `<agent_id>.<partition>.serviceradar`, URI SAN
+//! `spiffe://serviceradar.local/agent/<partition>/<agent_id>`).
+//!
+//! Used by `serviceradar-agent certs`, by the demo and by the tests. Keys are
+//! written with mode 0600.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::tls::TlsFiles;
+
+/// The SPIFFE trust domain of dev certificates.
+pub const TRUST_DOMAIN: &str = "serviceradar.local";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read CA from {path}: {reason}")]
+    ReadCa { path: PathBuf, reason: String },
+    #[error("invalid name {0:?}: ids and partitions are non-empty and contain no dots")]
+    Name(String),
+}
+
+/// A CA able to issue certificates.
+pub struct DevCa {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+}
+
+/// File layout of a dev PKI directory.
+pub struct PkiLayout {
+    pub dir: PathBuf,
+}
+
+impl PkiLayout {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca-key.pem")
+    }
+    pub fn gateway(&self) -> TlsFiles {
+        TlsFiles {
+            cert_file: self.dir.join("gateway.pem"),
+            key_file: self.dir.join("gateway-key.pem"),
+            ca_file: self.ca_cert(),
+        }
+    }
+    pub fn agent(&self, agent_id: &str) -> TlsFiles {
+        TlsFiles {
+            cert_file: self.dir.join(format!("{agent_id}.pem")),
+            key_file: self.dir.join(format!("{agent_id}-key.pem")),
+            ca_file: self.ca_cert(),
+        }
+    }
+}
+
+impl DevCa {
+    /// A fresh self-signed CA.
+    pub fn generate(common_name: &str) -> Result<Self, PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "ServiceRadar dev PKI");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate()?;
+        let cert_pem = params.self_signed(&key)?.pem();
+        Ok(Self {
+            issuer: Issuer::new(params, key),
+            cert_pem,
+        })
+    }
+
+    /// Loads a CA written by [`DevCa::write`].
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, PkiError> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| PkiError::ReadCa {
+                path: p.to_owned(),
+                reason: e.to_string(),
+            })
+        };
+        let cert_pem = read(cert)?;
+        let key = KeyPair::from_pem(&read(key)?).map_err(|e| PkiError::ReadCa {
+            path: key.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| PkiError::ReadCa {
+            path: cert.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self { issuer, cert_pem })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Writes `ca.pem` and `ca-key.pem` into the layout's directory.
+    pub fn write(&self, layout: &PkiLayout) -> Result<(), PkiError> {
+        write_file(&layout.ca_cert(), &self.cert_pem, false)?;
+        write_file(&layout.ca_key(), &self.issuer.key().serialize_pem(), true)
+    }
+
+    /// A server certificate for the gateway, valid for the given DNS names and IPs.
+    pub fn issue_server(&self, names: &[String]) -> Result<(String, String), PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, "agent-gateway");
+        for name in names {
+            let san = match name.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.as_str().try_into()?),
+            };
+            params.subject_alt_names.push(san);
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params)
+    }
+
+    /// A client certificate for an agent: CN `<agent_id>.<partition>.serviceradar`
+    /// and URI SAN `spiffe://serviceradar.local/agent/<partition>/<agent_id>`.
+    pub fn issue_agent(&self, agent_id: &str, partition: &str) -> Result<(String, String), PkiError> {
+        for part in [agent_id, partition] {
+            if part.is_empty() || part.contains('.') || part.contains('/') {
+                return Err(PkiError::Name(part.to_owned()));
+            }
+        }
+        self.issue_client(
+            &format!("{agent_id}.{partition}.serviceradar"),
+            Some(&format!("spiffe://{TRUST_DOMAIN}/agent/{partition}/{agent_id}")),
+        )
+    }
+
+    /// A client certificate with an arbitrary CN and optional URI SAN (tests use
+    /// it to build certificates the gateway must reject).
+    pub fn issue_client(&self, common_name: &str, uri_san: Option<&str>) -> Result<(String, String), PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        if let Some(uri) = uri_san {
+            params.subject_alt_names.push(SanType::URI(uri.try_into()?));
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params)
+    }
+
+    fn sign(&self, mut params: CertificateParams) -> Result<(String, String), PkiError> {
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// Writes a certificate/key pair as `<stem>.pem` / `<stem>-key.pem`.
+pub fn write_pair(files: &TlsFiles, pair: &(String, String)) -> Result<(), PkiError> {
+    write_file(&files.cert_file, &pair.0, false)?;
+    write_file(&files.key_file, &pair.1, true)
+}
+
+fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError> {
+    let err = |source| PkiError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(err)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let _ = secret;
+    use std::io::Write;
+    let mut file = options.open(path).map_err(err)?;
+    file.write_all(contents.as_bytes()).map_err(err)
+}
+
+/// Creates (or completes) a dev PKI in `dir`: reuses an existing CA, writes a
+/// gateway certificate for `gateway_names` and one client certificate per
+/// `(agent_id, partition)`.
+pub fn create_dev_pki(
+    dir: &Path,
+    gateway_names: &[String],
+    agents: &[(String, String)],
+) -> Result<PkiLayout, PkiError> {
+    let layout = PkiLayout::new(dir);
+    let ca = if layout.ca_cert().exists() && layout.ca_key().exists() {
+        DevCa::load(&layout.ca_cert(), &layout.ca_key())?
+    } else {
+        let ca = DevCa::generate("ServiceRadar Dev CA")?;
+        ca.write(&layout)?;
+        ca
+    };
+    write_pair(&layout.gateway(), &ca.issue_server(gateway_names)?)?;
+    for (agent_id, partition) in agents {
+        write_pair(&layout.agent(agent_id), &ca.issue_agent(agent_id, partition)?)?;
+    }
+    Ok(layout)
+}

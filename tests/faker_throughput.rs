@@ -1,0 +1,72 @@
+//! Throughput of the agent's side of a Faker run: generate, map, stage,
+//! plan and build every chunk. Ignored by default (meaningless in debug
+//! builds); run with
+//! `cargo test --release --test faker_throughput -- --ignored --nocapture`.
+
+use std::time::Instant;
+
+use serviceradar_agent::device::{DeviceUpdate, UpdateContext};
+use serviceradar_agent::sources::faker::{FakerGenerator, FakerSettings};
+use serviceradar_agent::sources::faker_run;
+use serviceradar_agent::upload::chunking::{plan, ChunkLimits, ChunkReader, RunIds};
+use serviceradar_agent::upload::staging::RunWriter;
+
+#[test]
+#[ignore]
+fn faker_pipeline_throughput() {
+    let total = 500_000u64;
+    let mut gen = FakerGenerator::new(FakerSettings {
+        total_devices: total,
+        seed: 1,
+        churn_percent: 0.0,
+    });
+    gen.next_run();
+    let ctx = UpdateContext {
+        agent_id: "agent-edge-01".into(),
+        gateway_id: "gw-1".into(),
+        partition: "default".into(),
+        source: "faker",
+        timestamp: "2026-04-12T09:30:12.123456789Z".into(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+
+    let start = Instant::now();
+    let generated = gen.devices().count();
+    let generate = start.elapsed();
+
+    let start = Instant::now();
+    let mut writer = RunWriter::create(dir.path(), "bench").unwrap();
+    let counts = faker_run(&gen, &ctx, &[], &mut |u: &DeviceUpdate| writer.write(u)).unwrap();
+    let staged = writer.finish().unwrap();
+    let stage = start.elapsed();
+
+    let start = Instant::now();
+    let ids = RunIds {
+        sync_service_id: "svc".into(),
+        sync_run_id: "bench".into(),
+    };
+    let plan = plan(&staged, &ids, &ChunkLimits::default()).unwrap();
+    let mut bytes = 0;
+    for chunk in ChunkReader::open(&staged, &plan, &ids).unwrap() {
+        bytes += chunk.unwrap().json.len();
+    }
+    let chunk = start.elapsed();
+
+    let rate = |d: std::time::Duration| total as f64 / d.as_secs_f64();
+    println!(
+        "generate only:        {generated} devices in {generate:?} ({:.0}/s)",
+        rate(generate)
+    );
+    println!(
+        "generate+map+stage:   {} updates, {} bytes in {stage:?} ({:.0}/s)",
+        counts.devices,
+        staged.bytes,
+        rate(stage)
+    );
+    println!(
+        "plan+build chunks:    {} chunks, {bytes} bytes in {chunk:?} ({:.0}/s)",
+        plan.chunks.len(),
+        rate(chunk)
+    );
+    println!("single-thread total:  {:.0} devices/s", rate(stage + chunk));
+}

@@ -1,0 +1,201 @@
+//! Shared helpers for the gateway integration tests: a throw-away PKI, a
+//! gateway on an ephemeral port, a real mTLS client, and chunk builders.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use serviceradar_agent::gateway::{self, AgentSources, GatewayConfig, GatewayEvent, GatewayHandle};
+use serviceradar_agent::pki::{write_pair, DevCa, PkiLayout};
+use serviceradar_agent::proto::agent_gateway_service_client::AgentGatewayServiceClient;
+use serviceradar_agent::proto::{GatewayServiceStatus, GatewayStatusChunk};
+use serviceradar_agent::tls::{self, MtlsConnector, TlsFiles};
+use tokio::sync::broadcast;
+use tonic::transport::{Channel, Endpoint};
+
+pub type Client = AgentGatewayServiceClient<Channel>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Upper bound for waiting on an event; a failure bound, not synchronisation.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+    pub ca: DevCa,
+    pub layout: PkiLayout,
+}
+
+impl TestPki {
+    pub fn new() -> Self {
+        tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let layout = PkiLayout::new(dir.path());
+        let ca = DevCa::generate("gateway test CA").unwrap();
+        ca.write(&layout).unwrap();
+        write_pair(
+            &layout.gateway(),
+            &ca.issue_server(&["localhost".into(), "127.0.0.1".into()]).unwrap(),
+        )
+        .unwrap();
+        Self { dir, ca, layout }
+    }
+
+    /// A dev agent certificate (CN + SPIFFE SAN) written to disk.
+    pub fn agent(&self, agent_id: &str, partition: &str) -> TlsFiles {
+        let files = self.layout.agent(agent_id);
+        write_pair(&files, &self.ca.issue_agent(agent_id, partition).unwrap()).unwrap();
+        files
+    }
+
+    /// A client certificate with an arbitrary CN / URI SAN, stored as `<stem>`.
+    pub fn client(&self, stem: &str, cn: &str, uri: Option<&str>) -> TlsFiles {
+        let files = self.layout.agent(stem);
+        write_pair(&files, &self.ca.issue_client(cn, uri).unwrap()).unwrap();
+        files
+    }
+
+    pub fn gateway_config(&self, database: bool) -> GatewayConfig {
+        GatewayConfig {
+            listen: "127.0.0.1:0".into(),
+            gateway_id: "gw-test".into(),
+            tls: self.layout.gateway(),
+            database: database.then(|| self.dir.path().join("gateway.db")),
+            ..GatewayConfig::default()
+        }
+    }
+}
+
+pub fn sources(value: Value) -> AgentSources {
+    AgentSources {
+        sources: value.as_object().cloned().unwrap(),
+    }
+}
+
+pub async fn start(config: GatewayConfig) -> GatewayHandle {
+    gateway::start(config).await.unwrap()
+}
+
+pub async fn start_with_agents(pki: &TestPki, database: bool, agents: BTreeMap<String, AgentSources>) -> GatewayHandle {
+    let mut config = pki.gateway_config(database);
+    config.agents = agents;
+    start(config).await
+}
+
+/// A gRPC client over our mTLS connector (TLS 1.3, CA file as only root).
+pub async fn connect(addr: std::net::SocketAddr, files: &TlsFiles) -> Result<Client, BoxError> {
+    let connector = MtlsConnector::new(tls::client_config(files)?, tls::server_name("localhost")?);
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_with_connector(connector)
+        .await?;
+    Ok(AgentGatewayServiceClient::new(channel).max_decoding_message_size(16 * 1024 * 1024))
+}
+
+/// Waits for the first event matching `pick`, skipping others.
+pub async fn wait_for<T>(
+    events: &mut broadcast::Receiver<GatewayEvent>,
+    mut pick: impl FnMut(&GatewayEvent) -> Option<T>,
+) -> T {
+    tokio::time::timeout(EVENT_TIMEOUT, async {
+        loop {
+            match events.recv().await {
+                Ok(event) => {
+                    if let Some(found) = pick(&event) {
+                        return found;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => panic!("gateway event channel closed"),
+            }
+        }
+    })
+    .await
+    .expect("timed out waiting for a gateway event")
+}
+
+/// Collects events up to and including the next `StreamAccepted` or
+/// `StreamRejected` (emitted last for every stream).
+pub async fn events_of_next_stream(events: &mut broadcast::Receiver<GatewayEvent>) -> Vec<GatewayEvent> {
+    let mut seen = Vec::new();
+    wait_for(events, |e| {
+        seen.push(e.clone());
+        matches!(e, GatewayEvent::StreamAccepted { .. } | GatewayEvent::StreamRejected { .. }).then_some(())
+    })
+    .await;
+    seen
+}
+
+/// One device update as the agent sends it (wire.md §5).
+pub fn update(agent_id: &str, partition: &str, ip: &str, run_id: &str, chunk: u32, total_chunks: u32, total_devices: u64) -> Value {
+    json!({
+        "agent_id": agent_id, "gateway_id": "gw-test", "partition": partition,
+        "device_id": format!("{partition}:{ip}"), "ip": ip, "hostname": format!("host-{ip}"),
+        "source": "faker", "timestamp": "2025-01-01T00:00:00.000Z",
+        "metadata": {"integration_id": format!("faker-{ip}"), "agent_id": "not-an-identity"},
+        "sync_meta": {"sync_service_id": "svc", "sync_run_id": run_id, "chunk_index": chunk,
+                      "total_chunks": total_chunks, "total_devices": total_devices,
+                      "is_final": chunk + 1 == total_chunks}
+    })
+}
+
+/// A run of `devices` updates split into `chunks` run chunks of (nearly) equal
+/// size; returns one JSON array per run chunk.
+pub fn run_chunks(agent_id: &str, partition: &str, run_id: &str, devices: usize, chunks: u32, ip_base: u8) -> Vec<Vec<u8>> {
+    let per = devices.div_ceil(chunks as usize);
+    (0..chunks)
+        .map(|c| {
+            let start = c as usize * per;
+            let end = (start + per).min(devices);
+            let updates: Vec<Value> = (start..end)
+                .map(|i| {
+                    let ip = format!("10.{ip_base}.{}.{}", i / 250, i % 250 + 1);
+                    update(agent_id, partition, &ip, run_id, c, chunks, devices as u64)
+                })
+                .collect();
+            serde_json::to_vec(&updates).unwrap()
+        })
+        .collect()
+}
+
+/// The StreamStatus envelope of wire.md §6 around one results message.
+pub fn envelope(agent_id: &str, index: i32, total: i32, is_final: bool, message: Vec<u8>) -> GatewayStatusChunk {
+    GatewayStatusChunk {
+        services: vec![GatewayServiceStatus {
+            service_name: "sync".into(),
+            service_type: "sync".into(),
+            source: "results".into(),
+            available: true,
+            message,
+            agent_id: agent_id.into(),
+            gateway_id: "gw-test".into(),
+            partition: "default".into(),
+            ..Default::default()
+        }],
+        gateway_id: "gw-test".into(),
+        agent_id: agent_id.into(),
+        timestamp: 1_700_000_000,
+        partition: "default".into(),
+        chunk_index: index,
+        total_chunks: total,
+        is_final,
+        ..Default::default()
+    }
+}
+
+/// Envelopes numbered 0..n for the given messages, the last one final.
+pub fn stream_of(agent_id: &str, messages: Vec<Vec<u8>>) -> Vec<GatewayStatusChunk> {
+    let total = messages.len() as i32;
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| envelope(agent_id, i as i32, total, i as i32 == total - 1, m))
+        .collect()
+}
+
+/// Sends one StreamStatus call.
+pub async fn send_stream(client: &mut Client, chunks: Vec<GatewayStatusChunk>) -> Result<(), tonic::Status> {
+    client
+        .stream_status(tokio_stream::iter(chunks))
+        .await
+        .map(|response| assert!(response.into_inner().received))
+}
