@@ -45,6 +45,8 @@ pub struct AgentMeasurement {
     pub chunks: u32,
     /// From the first device generated to the last chunk acknowledged.
     pub run_seconds: f64,
+    /// Of which generating and staging on disk (the rest is chunk and upload).
+    pub stage_seconds: f64,
     pub peak_rss_kib: u64,
 }
 
@@ -63,7 +65,10 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<i32> {
         &[(AGENT_ID.to_owned(), "default".to_owned())],
     )?;
     let exe = std::env::current_exe()?;
-    println!("{:>10}  {:>8}  {:>10}  {:>12}  {:>13}", "devices", "chunks", "seconds", "devices/s", "agent peak RSS");
+    println!(
+        "{:>10}  {:>8}  {:>10}  {:>10}  {:>12}  {:>14}",
+        "devices", "chunks", "seconds", "(staging)", "devices/s", "agent peak RSS"
+    );
     let mut results = Vec::new();
     for &n in &args.devices {
         let mut sources = serde_json::Map::new();
@@ -117,10 +122,11 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<i32> {
             bail!("expected {n} devices, agent delivered {} and gateway validated {received}", m.devices);
         }
         println!(
-            "{:>10}  {:>8}  {:>10.2}  {:>12.0}  {:>10} MiB",
+            "{:>10}  {:>8}  {:>10.2}  {:>10.2}  {:>12.0}  {:>10} MiB",
             n,
             m.chunks,
             m.run_seconds,
+            m.stage_seconds,
             n as f64 / m.run_seconds,
             m.peak_rss_kib / 1024
         );
@@ -147,10 +153,14 @@ pub fn run_agent(args: BenchAgentArgs) -> anyhow::Result<i32> {
         let handle = agent::start(bootstrap);
         let mut events = handle.context.telemetry.subscribe();
         let mut run_started = None;
+        let mut stage_seconds = 0.0;
         loop {
             match events.recv().await {
                 Ok(AgentEvent::SourceStarted { .. }) => {
                     run_started.get_or_insert_with(Instant::now);
+                }
+                Ok(AgentEvent::RunStaged { .. }) => {
+                    stage_seconds = run_started.map(|t: Instant| t.elapsed().as_secs_f64()).unwrap_or_default();
                 }
                 Ok(AgentEvent::RunDelivered { devices, chunks, .. }) => {
                     let seconds = run_started.map(|t| t.elapsed().as_secs_f64()).unwrap_or_default();
@@ -159,6 +169,7 @@ pub fn run_agent(args: BenchAgentArgs) -> anyhow::Result<i32> {
                         devices,
                         chunks,
                         run_seconds: seconds,
+                        stage_seconds,
                         peak_rss_kib: peak_rss_kib(),
                     });
                 }

@@ -3,9 +3,9 @@
 //! and shows the devices arriving.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::Args;
@@ -170,7 +170,9 @@ fn reset_state(state: &Path) -> anyhow::Result<()> {
 struct Summary {
     runs: u64,
     chunks: u64,
-    run_started: Option<Instant>,
+    run_chunks: u64,
+    config_shown: Option<String>,
+    config_served_at: Option<Instant>,
 }
 
 impl Summary {
@@ -180,18 +182,33 @@ impl Summary {
             GatewayEvent::Hello { agent_id, capabilities, .. } => {
                 println!("▸ agent {agent_id} enrolled over mTLS (capabilities: {})", capabilities.join(", "));
             }
-            GatewayEvent::ConfigServed { version, .. } => {
+            GatewayEvent::ConfigServed { version, .. } if self.config_shown.as_ref() != Some(version) => {
+                // GetConfig and the ControlStream may both deliver one version.
+                self.config_shown = Some(version.clone());
+                self.config_served_at = Some(Instant::now());
                 println!("▸ config {} served: source {SOURCE_NAME:?} (faker)", short(version));
             }
             GatewayEvent::ChunkStored { chunk_index, total_chunks, .. } => {
-                self.run_started.get_or_insert_with(Instant::now);
                 self.chunks += 1;
-                print!("\r  receiving chunk {}/{}", chunk_index + 1, total_chunks);
-                let _ = std::io::stdout().flush();
+                self.run_chunks += 1;
+                if std::io::stdout().is_terminal() {
+                    print!("\r  chunk {}/{} received", chunk_index + 1, total_chunks);
+                    let _ = std::io::stdout().flush();
+                }
             }
             GatewayEvent::RunComplete { run_id, devices, .. } => {
-                let took = self.run_started.take().map(|t| t.elapsed()).unwrap_or(Duration::ZERO);
-                println!("\n▸ run {} complete: {devices} devices stored ({took:.2?})", short(run_id));
+                if std::io::stdout().is_terminal() {
+                    println!();
+                }
+                let chunks = std::mem::take(&mut self.run_chunks);
+                match self.config_served_at.take() {
+                    Some(t) => println!(
+                        "▸ run {} complete: {devices} devices in {chunks} chunks stored ({:.2?} after the config arrived)",
+                        short(run_id),
+                        t.elapsed()
+                    ),
+                    None => println!("▸ run {} complete: {devices} devices in {chunks} chunks stored", short(run_id)),
+                }
             }
             GatewayEvent::RunReport { source, result, device_count, error, .. } => {
                 self.runs += 1;

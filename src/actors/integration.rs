@@ -23,7 +23,7 @@ use crate::config::sources::{SourceConfig, SourceKind};
 use crate::device::{now_rfc3339, UpdateContext};
 use crate::messages::{DeliverRun, ReportRun, RunNow, StopSource};
 use crate::sources::faker::{FakerGenerator, FakerSettings};
-use crate::sources::{faker_run, RunCounts};
+use crate::sources::{faker_stage, RunCounts};
 use crate::upload::envelope::RunReport;
 use crate::upload::staging::{RunWriter, StagedRun};
 
@@ -211,13 +211,23 @@ fn fetch_and_stage(
             generator.next_run();
             let io = |e: std::io::Error| RunError::Failed(format!("staging run {run_id} in {}: {e}", dir.display()));
             let mut writer = RunWriter::create(dir, run_id).map_err(io)?;
-            let counts = faker_run(&generator, update_ctx, &config.network_blacklist, &mut |update| {
-                if cancel.load(Ordering::Relaxed) {
-                    return Err(std::io::Error::other("run cancelled"));
+            let workers = std::thread::available_parallelism().map_or(1, usize::from);
+            let staged = faker_stage(
+                &generator,
+                update_ctx,
+                &config.network_blacklist,
+                &mut writer,
+                workers,
+                &|| cancel.load(Ordering::Relaxed),
+            );
+            let counts = match staged {
+                Ok(counts) => counts,
+                Err(e) => {
+                    // A half-staged run is never delivered: remove it.
+                    let _ = writer.discard();
+                    return Err(io(e));
                 }
-                writer.write(update)
-            })
-            .map_err(io)?;
+            };
             let staged = writer.finish().map_err(io)?;
             Ok(Staged {
                 staged,

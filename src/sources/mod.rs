@@ -12,10 +12,13 @@ pub mod armis;
 pub mod faker;
 
 use std::io;
+use std::ops::Range;
+use std::sync::mpsc;
 
 use ipnet::IpNet;
 
 use crate::device::{DeviceUpdate, UpdateContext};
+use crate::upload::staging::{EncodedBatch, RunWriter};
 use armis::{map_device_owned, Mapped};
 use faker::FakerGenerator;
 
@@ -39,8 +42,19 @@ pub fn faker_run(
     blacklist: &[IpNet],
     sink: &mut impl FnMut(&DeviceUpdate) -> io::Result<()>,
 ) -> io::Result<RunCounts> {
+    faker_range(gen, 0..gen.len(), ctx, blacklist, sink)
+}
+
+/// [`faker_run`] over the devices with indices in `range`.
+fn faker_range(
+    gen: &FakerGenerator,
+    range: Range<u64>,
+    ctx: &UpdateContext,
+    blacklist: &[IpNet],
+    sink: &mut impl FnMut(&DeviceUpdate) -> io::Result<()>,
+) -> io::Result<RunCounts> {
     let mut counts = RunCounts::default();
-    for device in gen.devices() {
+    for device in range.map(|i| gen.device(i)) {
         match map_device_owned(device, ctx, "faker", None, blacklist) {
             Mapped::Update(update) => {
                 sink(&update)?;
@@ -51,4 +65,61 @@ pub fn faker_run(
         }
     }
     Ok(counts)
+}
+
+/// Devices per batch a worker encodes before handing it to the writer.
+const STAGE_BATCH: u64 = 1024;
+
+/// A whole Faker run staged into `writer`, generated, mapped and JSON-encoded
+/// by `workers` threads (the expensive part) while the calling thread appends
+/// their batches to the staging file in device order. Memory stays bounded:
+/// each worker has at most two encoded batches waiting. `cancelled` is polled
+/// between batches.
+pub fn faker_stage(
+    gen: &FakerGenerator,
+    ctx: &UpdateContext,
+    blacklist: &[IpNet],
+    writer: &mut RunWriter,
+    workers: usize,
+    cancelled: &(dyn Fn() -> bool + Sync),
+) -> io::Result<RunCounts> {
+    let total = gen.len();
+    let batches = total.div_ceil(STAGE_BATCH);
+    let workers = workers.clamp(1, 16) as u64;
+    std::thread::scope(|scope| {
+        let receivers: Vec<_> = (0..workers)
+            .map(|first| {
+                let (tx, rx) = mpsc::sync_channel::<io::Result<(EncodedBatch, RunCounts)>>(2);
+                scope.spawn(move || {
+                    // Worker `first` takes batches first, first+workers, …
+                    for k in (first..batches).step_by(workers as usize) {
+                        let result = if cancelled() {
+                            Err(io::Error::other("run cancelled"))
+                        } else {
+                            let range = k * STAGE_BATCH..((k + 1) * STAGE_BATCH).min(total);
+                            let mut batch = EncodedBatch::default();
+                            faker_range(gen, range, ctx, blacklist, &mut |u| batch.push(u)).map(|c| (batch, c))
+                        };
+                        let failed = result.is_err();
+                        // A closed channel means the writer gave up: stop.
+                        if tx.send(result).is_err() || failed {
+                            return;
+                        }
+                    }
+                });
+                rx
+            })
+            .collect();
+        let mut counts = RunCounts::default();
+        for k in 0..batches {
+            let (batch, c) = receivers[(k % workers) as usize]
+                .recv()
+                .map_err(|_| io::Error::other("a Faker worker ended before its batch"))??;
+            writer.write_batch(&batch)?;
+            counts.devices += c.devices;
+            counts.skipped_no_ip += c.skipped_no_ip;
+            counts.blacklisted += c.blacklisted;
+        }
+        Ok(counts)
+    })
 }

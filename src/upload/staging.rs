@@ -91,59 +91,55 @@ impl RunWriter {
     /// skip that device and go on. A failed file write leaves the writer
     /// unusable.
     pub fn write(&mut self, update: &DeviceUpdate) -> io::Result<()> {
+        self.check_usable()?;
+        // Encode into a reused buffer, then copy it into the file buffer:
+        // serde_json writes many tiny pieces, which a Vec takes far faster
+        // than a BufWriter<File>, and a refused update never touches the file.
+        self.scratch.clear();
+        let encoded = encode_line(update, &mut self.scratch);
+        if encoded.is_err() || self.scratch.capacity() > MAX_KEPT_SCRATCH {
+            self.scratch.shrink_to(SCRATCH_CAPACITY);
+        }
+        let line_len = encoded?;
+        let line = std::mem::take(&mut self.scratch);
+        let appended = self.append(&line, &[line_len]);
+        self.scratch = line;
+        appended
+    }
+
+    /// Appends updates encoded elsewhere (see [`EncodedBatch`]), in order.
+    pub fn write_batch(&mut self, batch: &EncodedBatch) -> io::Result<()> {
+        self.check_usable()?;
+        self.append(&batch.lines, &batch.lengths)
+    }
+
+    fn check_usable(&self) -> io::Result<()> {
         if self.broken {
             return Err(io::Error::other(format!(
                 "staging of run {} failed earlier; the run must be discarded",
                 self.run_id
             )));
         }
-        // Staged lines never carry sync_meta: the chunker appends the real
-        // one. Callers normally pass updates without it, so copying is rare.
-        let without_meta;
-        let update = if update.sync_meta.is_some() {
-            without_meta = DeviceUpdate {
-                sync_meta: None,
-                ..update.clone()
-            };
-            &without_meta
-        } else {
-            update
-        };
+        Ok(())
+    }
 
-        // Encode into a reused buffer, then copy it into the file buffer:
-        // serde_json writes many tiny pieces, which a Vec takes far faster
-        // than a BufWriter<File>, and a refused update never touches the file.
-        self.scratch.clear();
-        serde_json::to_writer(&mut self.scratch, update).map_err(io::Error::other)?;
-        let written = self.scratch.len();
-        if written > MAX_UPDATE_BYTES {
-            self.scratch = Vec::with_capacity(SCRATCH_CAPACITY);
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "device update {} is {written} bytes of JSON, more than the {MAX_UPDATE_BYTES} \
-                     the gateway accepts (it would reject the whole stream)",
-                    update.device_id
-                ),
-            ));
+    /// Appends newline-terminated lines and their lengths. From here a
+    /// failure leaves the two files out of step, so the writer breaks.
+    fn append(&mut self, lines: &[u8], lengths: &[u32]) -> io::Result<()> {
+        let mut sidecar = Vec::with_capacity(lengths.len() * 4);
+        for len in lengths {
+            sidecar.extend_from_slice(&len.to_le_bytes());
         }
-
-        // From here a failure leaves the two files out of step.
-        let line_len = written as u32; // ≤ MAX_UPDATE_BYTES < u32::MAX
-        self.scratch.push(b'\n');
         let appended = self
             .data
-            .write_all(&self.scratch)
-            .and_then(|()| self.lengths.write_all(&line_len.to_le_bytes()));
+            .write_all(lines)
+            .and_then(|()| self.lengths.write_all(&sidecar));
         if let Err(err) = appended {
             self.broken = true;
             return Err(err);
         }
-        if self.scratch.capacity() > MAX_KEPT_SCRATCH {
-            self.scratch = Vec::with_capacity(SCRATCH_CAPACITY);
-        }
-        self.device_count += 1;
-        self.committed += written as u64 + 1;
+        self.device_count += lengths.len() as u64;
+        self.committed += lines.len() as u64;
         Ok(())
     }
 
@@ -184,6 +180,69 @@ impl RunWriter {
         drop(lengths);
         remove_if_present(&data_path)?;
         remove_if_present(&lengths_path)
+    }
+}
+
+/// Encodes one update as a staged line (JSON without `sync_meta`, then a
+/// newline) at the end of `out`; returns the JSON's length. An oversize update
+/// is refused with `InvalidData` and leaves `out` as it was.
+fn encode_line(update: &DeviceUpdate, out: &mut Vec<u8>) -> io::Result<u32> {
+    // Staged lines never carry sync_meta: the chunker appends the real one.
+    // Callers normally pass updates without it, so copying is rare.
+    let without_meta;
+    let update = if update.sync_meta.is_some() {
+        without_meta = DeviceUpdate {
+            sync_meta: None,
+            ..update.clone()
+        };
+        &without_meta
+    } else {
+        update
+    };
+    let start = out.len();
+    if let Err(e) = serde_json::to_writer(&mut *out, update) {
+        out.truncate(start);
+        return Err(io::Error::other(e));
+    }
+    let written = out.len() - start;
+    if written > MAX_UPDATE_BYTES {
+        out.truncate(start);
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "device update {} is {written} bytes of JSON, more than the {MAX_UPDATE_BYTES} \
+                 the gateway accepts (it would reject the whole stream)",
+                update.device_id
+            ),
+        ));
+    }
+    out.push(b'\n');
+    Ok(written as u32) // ≤ MAX_UPDATE_BYTES < u32::MAX
+}
+
+/// Updates encoded as staged lines away from the [`RunWriter`] (on worker
+/// threads), appended later in one piece with [`RunWriter::write_batch`].
+#[derive(Debug, Default)]
+pub struct EncodedBatch {
+    lines: Vec<u8>,
+    lengths: Vec<u32>,
+}
+
+impl EncodedBatch {
+    /// Encodes one more update. An oversize update is refused with
+    /// `InvalidData` and leaves the batch as it was.
+    pub fn push(&mut self, update: &DeviceUpdate) -> io::Result<()> {
+        let len = encode_line(update, &mut self.lines)?;
+        self.lengths.push(len);
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.lengths.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lengths.is_empty()
     }
 }
 
