@@ -22,13 +22,31 @@ impl AgentHandle {
 }
 
 /// Starts the supervision tree. Must be called inside an actix System.
-pub fn start(bootstrap: Bootstrap) -> AgentHandle {
+pub fn start(mut bootstrap: Bootstrap) -> AgentHandle {
     for warning in &bootstrap.warnings {
         tracing::warn!("{warning}");
     }
+    // An onboarding bundle's agent.json names no state directory. When the
+    // default one is not writable (not root, no systemd StateDirectory), use
+    // a private temporary one rather than failing: the operator is told.
+    if !bootstrap.state_dir_configured {
+        if let Err(e) = std::fs::create_dir_all(&bootstrap.state_dir) {
+            let fallback =
+                std::env::temp_dir().join(format!("serviceradar-agent-{}", bootstrap.agent_id));
+            tracing::warn!(
+                "default state directory {} is unusable ({e}); using {} (set state_dir in the bootstrap file)",
+                bootstrap.state_dir.display(),
+                fallback.display()
+            );
+            bootstrap.state_dir = fallback;
+        }
+    }
     let context = AgentContext::new(bootstrap);
     let supervisor = Supervisor::new(context.clone()).start();
-    AgentHandle { context, supervisor }
+    AgentHandle {
+        context,
+        supervisor,
+    }
 }
 
 /// Runs the agent until SIGINT/SIGTERM or a restart-intensity escalation;

@@ -114,12 +114,19 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<i32> {
         if !output.status.success() {
             bail!("bench agent for {n} devices failed: {}", output.status);
         }
-        let m: AgentMeasurement = serde_json::from_slice(&output.stdout)
-            .with_context(|| format!("bench agent output: {}", String::from_utf8_lossy(&output.stdout)))?;
+        let m: AgentMeasurement = serde_json::from_slice(&output.stdout).with_context(|| {
+            format!(
+                "bench agent output: {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        })?;
         let received = gw.stats().devices_received;
         gw.shutdown().await;
         if m.devices != n || received != n {
-            bail!("expected {n} devices, agent delivered {} and gateway validated {received}", m.devices);
+            bail!(
+                "expected {n} devices, agent delivered {} and gateway validated {received}",
+                m.devices
+            );
         }
         println!(
             "{:>10}  {:>8}  {:>10.2}  {:>10.2}  {:>12.0}  {:>10} MiB",
@@ -160,10 +167,16 @@ pub fn run_agent(args: BenchAgentArgs) -> anyhow::Result<i32> {
                     run_started.get_or_insert_with(Instant::now);
                 }
                 Ok(AgentEvent::RunStaged { .. }) => {
-                    stage_seconds = run_started.map(|t: Instant| t.elapsed().as_secs_f64()).unwrap_or_default();
+                    stage_seconds = run_started
+                        .map(|t: Instant| t.elapsed().as_secs_f64())
+                        .unwrap_or_default();
                 }
-                Ok(AgentEvent::RunDelivered { devices, chunks, .. }) => {
-                    let seconds = run_started.map(|t| t.elapsed().as_secs_f64()).unwrap_or_default();
+                Ok(AgentEvent::RunDelivered {
+                    devices, chunks, ..
+                }) => {
+                    let seconds = run_started
+                        .map(|t| t.elapsed().as_secs_f64())
+                        .unwrap_or_default();
                     handle.shutdown();
                     return Ok(AgentMeasurement {
                         devices,
@@ -173,7 +186,9 @@ pub fn run_agent(args: BenchAgentArgs) -> anyhow::Result<i32> {
                         peak_rss_kib: peak_rss_kib(),
                     });
                 }
-                Ok(AgentEvent::RunReported { ok: false, error, .. }) => {
+                Ok(AgentEvent::RunReported {
+                    ok: false, error, ..
+                }) => {
                     bail!("run failed: {}", error.unwrap_or_default())
                 }
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}

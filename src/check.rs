@@ -50,7 +50,9 @@ pub fn check_bootstrap(path: &Path) -> Vec<Finding> {
     )));
     out.extend(bootstrap.warnings.iter().cloned().map(Finding::Warning));
     match &bootstrap.security {
-        Security::Plaintext => out.push(Finding::Warning("plaintext mode: no TLS to the gateway".into())),
+        Security::Plaintext => out.push(Finding::Warning(
+            "plaintext mode: no TLS to the gateway".into(),
+        )),
         Security::Mtls { files, server_name } => {
             out.push(Finding::Ok(format!("TLS server name {server_name:?}")));
             check_tls(files, &bootstrap.agent_id, &mut out);
@@ -80,7 +82,9 @@ fn check_tls(files: &tls::TlsFiles, agent_id: &str, out: &mut Vec<Finding>) {
         .unwrap_or_default()
         .to_owned();
     if cn.split('.').next() == Some(agent_id) {
-        out.push(Finding::Ok(format!("certificate CN {cn:?} matches agent_id")));
+        out.push(Finding::Ok(format!(
+            "certificate CN {cn:?} matches agent_id"
+        )));
     } else {
         out.push(Finding::Error(format!(
             "{}: certificate CN {cn:?} does not start with agent_id {agent_id:?} (expected {agent_id}.<partition>.serviceradar)",
@@ -89,7 +93,10 @@ fn check_tls(files: &tls::TlsFiles, agent_id: &str, out: &mut Vec<Finding>) {
     }
     let validity = leaf.validity();
     if validity.is_valid() {
-        out.push(Finding::Ok(format!("certificate valid until {}", validity.not_after)));
+        out.push(Finding::Ok(format!(
+            "certificate valid until {}",
+            validity.not_after
+        )));
     } else {
         out.push(Finding::Error(format!(
             "{}: certificate is not valid now (valid {} to {})",
@@ -100,7 +107,10 @@ fn check_tls(files: &tls::TlsFiles, agent_id: &str, out: &mut Vec<Finding>) {
     }
     match &key {
         Ok(key) => match rcgen::KeyPair::try_from(key) {
-            Ok(pair) if rcgen::PublicKeyData::subject_public_key_info(&pair) == leaf.public_key().raw => {
+            Ok(pair)
+                if rcgen::PublicKeyData::subject_public_key_info(&pair)
+                    == leaf.public_key().raw =>
+            {
                 out.push(Finding::Ok("private key matches the certificate".into()))
             }
             Ok(_) => out.push(Finding::Error(format!(
@@ -108,7 +118,10 @@ fn check_tls(files: &tls::TlsFiles, agent_id: &str, out: &mut Vec<Finding>) {
                 files.key_file.display(),
                 files.cert_file.display()
             ))),
-            Err(e) => out.push(Finding::Error(format!("{}: unusable key: {e}", files.key_file.display()))),
+            Err(e) => out.push(Finding::Error(format!(
+                "{}: unusable key: {e}",
+                files.key_file.display()
+            ))),
         },
         Err(e) => out.push(Finding::Error(e.to_string())),
     }
@@ -121,7 +134,10 @@ fn check_tls(files: &tls::TlsFiles, agent_id: &str, out: &mut Vec<Finding>) {
             .build();
             match verifier {
                 Ok(v) => match v.verify_client_cert(&certs[0], &certs[1..], UnixTime::now()) {
-                    Ok(_) => out.push(Finding::Ok(format!("certificate chains to {}", files.ca_file.display()))),
+                    Ok(_) => out.push(Finding::Ok(format!(
+                        "certificate chains to {}",
+                        files.ca_file.display()
+                    ))),
                     Err(e) => out.push(Finding::Error(format!(
                         "{} does not chain to the CA in {}: {e}",
                         files.cert_file.display(),

@@ -85,7 +85,9 @@ async fn run_in_system(args: DemoArgs) -> anyhow::Result<i32> {
         config_poll_interval_sec: 300,
         agents: BTreeMap::from([(AGENT_ID.to_owned(), AgentSources { sources })]),
     };
-    let gw = gateway::start(config).await.context("starting the demo gateway")?;
+    let gw = gateway::start(config)
+        .await
+        .context("starting the demo gateway")?;
     let addr = gw.local_addr();
     println!("▸ gateway listening on {addr} (mTLS, TLS 1.3, client certificates required)");
 
@@ -142,7 +144,10 @@ async fn run_in_system(args: DemoArgs) -> anyhow::Result<i32> {
     println!("Summary");
     println!("  runs delivered   {}", summary.runs);
     println!("  chunks received  {}", summary.chunks);
-    println!("  devices stored   {stored} (gateway database {})", state.join("gateway.db").display());
+    println!(
+        "  devices stored   {stored} (gateway database {})",
+        state.join("gateway.db").display()
+    );
     println!("  elapsed          {:.2?}", started.elapsed());
     agent.shutdown();
     gw.shutdown().await;
@@ -152,7 +157,13 @@ async fn run_in_system(args: DemoArgs) -> anyhow::Result<i32> {
 
 /// Clears what a previous demo left, keeping nothing but the folder.
 fn reset_state(state: &Path) -> anyhow::Result<()> {
-    for entry in ["gateway.db", "gateway.db-wal", "gateway.db-shm", "agent", "agent.json"] {
+    for entry in [
+        "gateway.db",
+        "gateway.db-wal",
+        "gateway.db-shm",
+        "agent",
+        "agent.json",
+    ] {
         let path = state.join(entry);
         if path.is_dir() {
             std::fs::remove_dir_all(&path)
@@ -179,16 +190,32 @@ impl Summary {
     /// Prints one event; true when a run has been delivered and reported.
     fn show(&mut self, event: &GatewayEvent) -> bool {
         match event {
-            GatewayEvent::Hello { agent_id, capabilities, .. } => {
-                println!("▸ agent {agent_id} enrolled over mTLS (capabilities: {})", capabilities.join(", "));
+            GatewayEvent::Hello {
+                agent_id,
+                capabilities,
+                ..
+            } => {
+                println!(
+                    "▸ agent {agent_id} enrolled over mTLS (capabilities: {})",
+                    capabilities.join(", ")
+                );
             }
-            GatewayEvent::ConfigServed { version, .. } if self.config_shown.as_ref() != Some(version) => {
+            GatewayEvent::ConfigServed { version, .. }
+                if self.config_shown.as_ref() != Some(version) =>
+            {
                 // GetConfig and the ControlStream may both deliver one version.
                 self.config_shown = Some(version.clone());
                 self.config_served_at = Some(Instant::now());
-                println!("▸ config {} served: source {SOURCE_NAME:?} (faker)", short(version));
+                println!(
+                    "▸ config {} served: source {SOURCE_NAME:?} (faker)",
+                    short(version)
+                );
             }
-            GatewayEvent::ChunkStored { chunk_index, total_chunks, .. } => {
+            GatewayEvent::ChunkStored {
+                chunk_index,
+                total_chunks,
+                ..
+            } => {
                 self.chunks += 1;
                 self.run_chunks += 1;
                 if std::io::stdout().is_terminal() {
@@ -196,7 +223,9 @@ impl Summary {
                     let _ = std::io::stdout().flush();
                 }
             }
-            GatewayEvent::RunComplete { run_id, devices, .. } => {
+            GatewayEvent::RunComplete {
+                run_id, devices, ..
+            } => {
                 if std::io::stdout().is_terminal() {
                     println!();
                 }
@@ -210,11 +239,19 @@ impl Summary {
                     None => println!("▸ run {} complete: {devices} devices in {chunks} chunks stored", short(run_id)),
                 }
             }
-            GatewayEvent::RunReport { source, result, device_count, error, .. } => {
+            GatewayEvent::RunReport {
+                source,
+                result,
+                device_count,
+                error,
+                ..
+            } => {
                 self.runs += 1;
                 match error {
                     Some(e) => println!("▸ run report from {source:?}: {result}, error: {e}"),
-                    None => println!("▸ run report from {source:?}: {result}, {device_count} devices"),
+                    None => {
+                        println!("▸ run report from {source:?}: {result}, {device_count} devices")
+                    }
                 }
                 return true;
             }

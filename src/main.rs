@@ -123,7 +123,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             for f in &findings {
                 println!("{f}");
             }
-            Ok(if findings.iter().any(check::Finding::is_error) { 1 } else { 0 })
+            Ok(if findings.iter().any(check::Finding::is_error) {
+                1
+            } else {
+                0
+            })
         }
         Some(Command::Bench(args)) => {
             init_logging(Some(level.unwrap_or("warn")), None);
@@ -153,7 +157,12 @@ fn certs(args: CertsArgs) -> anyhow::Result<i32> {
     let layout = pki::create_dev_pki(&args.out, &names, &agents)?;
     println!("CA:       {}", layout.ca_cert().display());
     let gw = layout.gateway();
-    println!("gateway:  {} / {} ({})", gw.cert_file.display(), gw.key_file.display(), names.join(", "));
+    println!(
+        "gateway:  {} / {} ({})",
+        gw.cert_file.display(),
+        gw.key_file.display(),
+        names.join(", ")
+    );
     for (id, partition) in &agents {
         let files = layout.agent(id);
         println!(

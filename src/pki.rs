@@ -10,8 +10,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 
 use crate::tls::TlsFiles;
@@ -75,7 +75,9 @@ impl DevCa {
     /// A fresh self-signed CA.
     pub fn generate(common_name: &str) -> Result<Self, PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params
             .distinguished_name
             .push(DnType::OrganizationName, "ServiceRadar dev PKI");
@@ -126,7 +128,9 @@ impl DevCa {
     /// A server certificate for the gateway, valid for the given DNS names and IPs.
     pub fn issue_server(&self, names: &[String]) -> Result<(String, String), PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, "agent-gateway");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "agent-gateway");
         for name in names {
             let san = match name.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
@@ -140,7 +144,11 @@ impl DevCa {
 
     /// A client certificate for an agent: CN `<agent_id>.<partition>.serviceradar`
     /// and URI SAN `spiffe://serviceradar.local/agent/<partition>/<agent_id>`.
-    pub fn issue_agent(&self, agent_id: &str, partition: &str) -> Result<(String, String), PkiError> {
+    pub fn issue_agent(
+        &self,
+        agent_id: &str,
+        partition: &str,
+    ) -> Result<(String, String), PkiError> {
         for part in [agent_id, partition] {
             if part.is_empty() || part.contains('.') || part.contains('/') {
                 return Err(PkiError::Name(part.to_owned()));
@@ -148,15 +156,23 @@ impl DevCa {
         }
         self.issue_client(
             &format!("{agent_id}.{partition}.serviceradar"),
-            Some(&format!("spiffe://{TRUST_DOMAIN}/agent/{partition}/{agent_id}")),
+            Some(&format!(
+                "spiffe://{TRUST_DOMAIN}/agent/{partition}/{agent_id}"
+            )),
         )
     }
 
     /// A client certificate with an arbitrary CN and optional URI SAN (tests use
     /// it to build certificates the gateway must reject).
-    pub fn issue_client(&self, common_name: &str, uri_san: Option<&str>) -> Result<(String, String), PkiError> {
+    pub fn issue_client(
+        &self,
+        common_name: &str,
+        uri_san: Option<&str>,
+    ) -> Result<(String, String), PkiError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         if let Some(uri) = uri_san {
             params.subject_alt_names.push(SanType::URI(uri.try_into()?));
         }
@@ -220,7 +236,10 @@ pub fn create_dev_pki(
     };
     write_pair(&layout.gateway(), &ca.issue_server(gateway_names)?)?;
     for (agent_id, partition) in agents {
-        write_pair(&layout.agent(agent_id), &ca.issue_agent(agent_id, partition)?)?;
+        write_pair(
+            &layout.agent(agent_id),
+            &ca.issue_agent(agent_id, partition)?,
+        )?;
     }
     Ok(layout)
 }

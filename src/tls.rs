@@ -202,7 +202,10 @@ impl tower::Service<http::Uri> for MtlsConnector {
         let connections = self.connections.clone();
         Box::pin(async move {
             let authority = uri.authority().ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "gateway URI has no host:port")
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "gateway URI has no host:port",
+                )
             })?;
             let tcp = TcpStream::connect(authority.as_str()).await?;
             tcp.set_nodelay(true)?;

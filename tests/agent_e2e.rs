@@ -13,7 +13,10 @@ use serviceradar_agent::agent;
 use serviceradar_agent::gateway::GatewayEvent;
 use serviceradar_agent::sources::faker::{FakerGenerator, FakerSettings};
 
-fn expected_devices(total: u64, seed: u64) -> BTreeSet<(String, String, Option<String>, Option<String>)> {
+fn expected_devices(
+    total: u64,
+    seed: u64,
+) -> BTreeSet<(String, String, Option<String>, Option<String>)> {
     let creds = BTreeMap::from([
         ("total_devices".to_string(), total.to_string()),
         ("seed".to_string(), seed.to_string()),
@@ -22,8 +25,22 @@ fn expected_devices(total: u64, seed: u64) -> BTreeSet<(String, String, Option<S
     generator.next_run();
     generator
         .devices()
-        .map(|d| (d.id.unwrap().to_string(), d.ip_address.clone().unwrap(), d.mac_address.clone(), d.name.clone()))
-        .map(|(id, ip, mac, name)| (id, ip, mac.map(|m| m.split(',').next().unwrap().to_uppercase()), name))
+        .map(|d| {
+            (
+                d.id.unwrap().to_string(),
+                d.ip_address.clone().unwrap(),
+                d.mac_address.clone(),
+                d.name.clone(),
+            )
+        })
+        .map(|(id, ip, mac, name)| {
+            (
+                id,
+                ip,
+                mac.map(|m| m.split(',').next().unwrap().to_uppercase()),
+                name,
+            )
+        })
         .collect()
 }
 
@@ -38,23 +55,39 @@ async fn agent_enrols_and_delivers_exactly_the_generated_devices() {
     let mut agent_events = agent.context.telemetry.subscribe();
 
     let capabilities = wait_for(&mut gw_events, "Hello", |e| match e {
-        GatewayEvent::Hello { agent_id, capabilities, .. } if agent_id == "agent-e2e" => Some(capabilities.clone()),
+        GatewayEvent::Hello {
+            agent_id,
+            capabilities,
+            ..
+        } if agent_id == "agent-e2e" => Some(capabilities.clone()),
         _ => None,
     })
     .await;
-    assert!(capabilities.contains(&"sync".to_string()), "{capabilities:?}");
+    assert!(
+        capabilities.contains(&"sync".to_string()),
+        "{capabilities:?}"
+    );
 
     let (run_id, devices) = wait_for(&mut gw_events, "RunComplete", |e| match e {
-        GatewayEvent::RunComplete { agent_id, run_id, devices, .. } if agent_id == "agent-e2e" => {
-            Some((run_id.clone(), *devices))
-        }
+        GatewayEvent::RunComplete {
+            agent_id,
+            run_id,
+            devices,
+            ..
+        } if agent_id == "agent-e2e" => Some((run_id.clone(), *devices)),
         _ => None,
     })
     .await;
     assert_eq!(devices, 10_000);
 
     let (result, count) = wait_for(&mut gw_events, "RunReport", |e| match e {
-        GatewayEvent::RunReport { source, run_id: r, result, device_count, .. } if r == &run_id => {
+        GatewayEvent::RunReport {
+            source,
+            run_id: r,
+            result,
+            device_count,
+            ..
+        } if r == &run_id => {
             assert_eq!(source, "Faker Ten K");
             Some((result.clone(), *device_count))
         }
@@ -64,11 +97,16 @@ async fn agent_enrols_and_delivers_exactly_the_generated_devices() {
     assert_eq!((result.as_str(), count), ("success", 10_000));
 
     let chunks = wait_for(&mut agent_events, "RunDelivered", |e| match e {
-        AgentEvent::RunDelivered { run_id: r, chunks, .. } if r == &run_id => Some(*chunks),
+        AgentEvent::RunDelivered {
+            run_id: r, chunks, ..
+        } if r == &run_id => Some(*chunks),
         _ => None,
     })
     .await;
-    assert!(chunks >= 10, "10,000 updates need at least 10 chunks of ≤1000, got {chunks}");
+    assert!(
+        chunks >= 10,
+        "10,000 updates need at least 10 chunks of ≤1000, got {chunks}"
+    );
 
     let store = gw.store().expect("gateway has a store");
     let rows = store.devices().await.unwrap();
@@ -78,7 +116,12 @@ async fn agent_enrols_and_delivers_exactly_the_generated_devices() {
             assert_eq!(r.source, "faker");
             assert_eq!(r.partition, "default");
             assert_eq!(r.agent_id, "agent-e2e");
-            (r.device_key.clone(), r.ip.clone().unwrap(), r.mac.clone(), r.hostname.clone())
+            (
+                r.device_key.clone(),
+                r.ip.clone().unwrap(),
+                r.mac.clone(),
+                r.hostname.clone(),
+            )
         })
         .collect();
     assert_eq!(rows.len(), 10_000);

@@ -50,16 +50,37 @@ fn wait_line(rx: &mpsc::Receiver<String>, what: &str, pick: impl Fn(&str) -> boo
 }
 
 fn run(args: &[&str], dir: &Path) -> std::process::Output {
-    Command::new(BIN).args(args).current_dir(dir).output().unwrap()
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
 }
 
 #[test]
 fn gateway_and_agent_binaries_sync_over_mtls() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run(&["certs", "--out", "certs", "--agent", "edge-01:site-a"], dir.path());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for f in ["ca.pem", "ca-key.pem", "gateway.pem", "gateway-key.pem", "edge-01.pem", "edge-01-key.pem"] {
-        assert!(dir.path().join("certs").join(f).exists(), "certs/{f} missing");
+    let out = run(
+        &["certs", "--out", "certs", "--agent", "edge-01:site-a"],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "ca.pem",
+        "ca-key.pem",
+        "gateway.pem",
+        "gateway-key.pem",
+        "edge-01.pem",
+        "edge-01-key.pem",
+    ] {
+        assert!(
+            dir.path().join("certs").join(f).exists(),
+            "certs/{f} missing"
+        );
     }
 
     std::fs::write(
@@ -84,8 +105,13 @@ fn gateway_and_agent_binaries_sync_over_mtls() {
             .unwrap(),
     );
     let gw_lines = lines(&mut gateway.0);
-    let listening = wait_line(&gw_lines, "gateway listening", |l| l.starts_with("gateway listening on "));
-    let addr = listening.trim_start_matches("gateway listening on ").trim().to_owned();
+    let listening = wait_line(&gw_lines, "gateway listening", |l| {
+        l.starts_with("gateway listening on ")
+    });
+    let addr = listening
+        .trim_start_matches("gateway listening on ")
+        .trim()
+        .to_owned();
 
     // The onboarding-bundle format, unchanged, plus our optional state_dir.
     std::fs::write(
@@ -102,7 +128,10 @@ fn gateway_and_agent_binaries_sync_over_mtls() {
     let check = run(&["check-config", "agent.json"], dir.path());
     let report = String::from_utf8_lossy(&check.stdout);
     assert!(check.status.success(), "{report}");
-    assert!(report.contains("chains to") && report.contains("matches agent_id"), "{report}");
+    assert!(
+        report.contains("chains to") && report.contains("matches agent_id"),
+        "{report}"
+    );
 
     let _agent = Running(
         Command::new(BIN)
@@ -113,14 +142,21 @@ fn gateway_and_agent_binaries_sync_over_mtls() {
             .spawn()
             .unwrap(),
     );
-    let done = wait_line(&gw_lines, "run complete", |l| l.starts_with("run complete agent=edge-01"));
+    let done = wait_line(&gw_lines, "run complete", |l| {
+        l.starts_with("run complete agent=edge-01")
+    });
     assert!(done.ends_with("devices=3000"), "{done}");
 }
 
 #[test]
 fn check_config_names_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
-    assert!(run(&["certs", "--out", "certs", "--agent", "edge-01", "--agent", "other"], dir.path()).status.success());
+    assert!(run(
+        &["certs", "--out", "certs", "--agent", "edge-01", "--agent", "other"],
+        dir.path()
+    )
+    .status
+    .success());
     // The certificate of another agent: CN does not match agent_id.
     std::fs::write(
         dir.path().join("agent.json"),
@@ -133,21 +169,41 @@ fn check_config_names_what_is_wrong() {
     let out = run(&["check-config", "agent.json"], dir.path());
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{report}");
-    assert!(report.contains("does not start with agent_id \"edge-01\""), "{report}");
-    assert!(report.contains("edge-01-key.pem does not belong to"), "{report}");
+    assert!(
+        report.contains("does not start with agent_id \"edge-01\""),
+        "{report}"
+    );
+    assert!(
+        report.contains("edge-01-key.pem does not belong to"),
+        "{report}"
+    );
 
-    std::fs::write(dir.path().join("bad.json"), r#"{"agent_id": "x", "gateway_security": {"mode": "none"}}"#).unwrap();
+    std::fs::write(
+        dir.path().join("bad.json"),
+        r#"{"agent_id": "x", "gateway_security": {"mode": "none"}}"#,
+    )
+    .unwrap();
     let out = run(&["check-config", "bad.json"], dir.path());
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
-    assert!(report.contains("bad.json") && report.contains("gateway_addr"), "{report}");
+    assert!(
+        report.contains("bad.json") && report.contains("gateway_addr"),
+        "{report}"
+    );
 }
 
 #[test]
 fn help_lists_the_subcommands() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    for word in ["--config", "gateway", "demo", "certs", "check-config", "bench"] {
+    for word in [
+        "--config",
+        "gateway",
+        "demo",
+        "certs",
+        "check-config",
+        "bench",
+    ] {
         assert!(text.contains(word), "--help lacks {word}:\n{text}");
     }
 }

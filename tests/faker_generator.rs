@@ -290,13 +290,26 @@ fn parallel_staging_writes_the_same_run_as_sequential_staging() {
 
     for workers in [1, 2, 3] {
         let mut parallel = RunWriter::create(dir.path(), &format!("par{workers}")).unwrap();
-        let counts = serviceradar_agent::sources::faker_stage(&gen, &ctx(), &blacklist, &mut parallel, workers, &|| false)
-            .unwrap();
+        let counts = serviceradar_agent::sources::faker_stage(
+            &gen,
+            &ctx(),
+            &blacklist,
+            &mut parallel,
+            workers,
+            &|| false,
+        )
+        .unwrap();
         let par = parallel.finish().unwrap();
         assert_eq!(counts, seq_counts, "{workers} workers");
         assert_eq!(par.device_count, seq.device_count);
-        assert_eq!(std::fs::read(&par.data_path).unwrap(), std::fs::read(&seq.data_path).unwrap());
-        assert_eq!(std::fs::read(&par.lengths_path).unwrap(), std::fs::read(&seq.lengths_path).unwrap());
+        assert_eq!(
+            std::fs::read(&par.data_path).unwrap(),
+            std::fs::read(&seq.data_path).unwrap()
+        );
+        assert_eq!(
+            std::fs::read(&par.lengths_path).unwrap(),
+            std::fs::read(&seq.lengths_path).unwrap()
+        );
     }
     assert!(seq_counts.blacklisted > 0);
 }
@@ -306,6 +319,7 @@ fn parallel_staging_stops_when_cancelled() {
     let dir = tempfile::tempdir().unwrap();
     let gen = generator(50_000, 1, 0.0);
     let mut writer = RunWriter::create(dir.path(), "cancelled").unwrap();
-    let err = serviceradar_agent::sources::faker_stage(&gen, &ctx(), &[], &mut writer, 2, &|| true).unwrap_err();
+    let err = serviceradar_agent::sources::faker_stage(&gen, &ctx(), &[], &mut writer, 2, &|| true)
+        .unwrap_err();
     assert!(err.to_string().contains("cancelled"), "{err}");
 }

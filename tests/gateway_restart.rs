@@ -18,8 +18,14 @@ async fn agent_reconnects_after_gateway_restart_and_delivers_the_next_run() {
     let mut gw_events = gw.subscribe();
     let agent = agent::start(fx.bootstrap("agent-rs", &addr.to_string(), json!({})));
     let mut events = agent.context.telemetry.subscribe();
-    wait_for(&mut gw_events, "first run", |e| matches!(e, GatewayEvent::RunComplete { .. }).then_some(())).await;
-    wait_for(&mut events, "first report accepted", |e| matches!(e, AgentEvent::RunReported { ok: true, .. }).then_some(())).await;
+    wait_for(&mut gw_events, "first run", |e| {
+        matches!(e, GatewayEvent::RunComplete { .. }).then_some(())
+    })
+    .await;
+    wait_for(&mut events, "first report accepted", |e| {
+        matches!(e, AgentEvent::RunReported { ok: true, .. }).then_some(())
+    })
+    .await;
 
     gw.shutdown().await;
     let reason = wait_for(&mut events, "disconnect noticed", |e| match e {
@@ -32,7 +38,9 @@ async fn agent_reconnects_after_gateway_restart_and_delivers_the_next_run() {
     // Same address, same database: a restarted gateway.
     let mut config = fx.gateway_config(&[("agent-rs", sources)]);
     config.listen = addr.to_string();
-    let gw = gateway::start(config).await.expect("gateway restarts on the same port");
+    let gw = gateway::start(config)
+        .await
+        .expect("gateway restarts on the same port");
     let mut gw_events = gw.subscribe();
     wait_for(&mut gw_events, "re-enrolment", |e| match e {
         GatewayEvent::Hello { agent_id, .. } if agent_id == "agent-rs" => Some(()),
@@ -50,12 +58,17 @@ async fn agent_reconnects_after_gateway_restart_and_delivers_the_next_run() {
     .await;
     assert_eq!(gateway_id, "gw-test");
 
-    let command_id = gw.send_command("agent-rs", "sync.run_now", json!({"source": "S"})).unwrap();
+    let command_id = gw
+        .send_command("agent-rs", "sync.run_now", json!({"source": "S"}))
+        .unwrap();
     // The command result ("run started") arrives before the run itself.
     let (success, message) = wait_for(&mut gw_events, "command result", |e| match e {
-        GatewayEvent::CommandResult { command_id: id, success, message, .. } if id == &command_id => {
-            Some((*success, message.clone()))
-        }
+        GatewayEvent::CommandResult {
+            command_id: id,
+            success,
+            message,
+            ..
+        } if id == &command_id => Some((*success, message.clone())),
         _ => None,
     })
     .await;
@@ -71,16 +84,30 @@ async fn agent_reconnects_after_gateway_restart_and_delivers_the_next_run() {
     assert_eq!(gw.store().unwrap().device_count().await.unwrap(), 500);
 
     // Unknown commands fail; run_now of an unknown source fails.
-    let bogus = gw.send_command("agent-rs", "agent.selfdestruct", json!({})).unwrap();
+    let bogus = gw
+        .send_command("agent-rs", "agent.selfdestruct", json!({}))
+        .unwrap();
     let (ok, message) = wait_for(&mut gw_events, "unknown command result", |e| match e {
-        GatewayEvent::CommandResult { command_id: id, success, message, .. } if id == &bogus => Some((*success, message.clone())),
+        GatewayEvent::CommandResult {
+            command_id: id,
+            success,
+            message,
+            ..
+        } if id == &bogus => Some((*success, message.clone())),
         _ => None,
     })
     .await;
     assert!(!ok && message.contains("unknown command"), "{message}");
-    let missing = gw.send_command("agent-rs", "sync.run_now", json!({"source": "nope"})).unwrap();
+    let missing = gw
+        .send_command("agent-rs", "sync.run_now", json!({"source": "nope"}))
+        .unwrap();
     let (ok, message) = wait_for(&mut gw_events, "run_now unknown source", |e| match e {
-        GatewayEvent::CommandResult { command_id: id, success, message, .. } if id == &missing => Some((*success, message.clone())),
+        GatewayEvent::CommandResult {
+            command_id: id,
+            success,
+            message,
+            ..
+        } if id == &missing => Some((*success, message.clone())),
         _ => None,
     })
     .await;
@@ -95,11 +122,16 @@ async fn agent_reconnects_after_gateway_restart_and_delivers_the_next_run() {
 #[actix_rt::test]
 async fn cached_config_is_used_when_the_gateway_is_down_at_start() {
     let fx = Fixture::new(&["agent-cache"]);
-    let gw = fx.gateway(&[("agent-cache", json!({"Cached": faker_source(100, 5)}))]).await;
+    let gw = fx
+        .gateway(&[("agent-cache", json!({"Cached": faker_source(100, 5)}))])
+        .await;
     let addr = gw.local_addr();
     let mut gw_events = gw.subscribe();
     let agent = agent::start(fx.bootstrap("agent-cache", &addr.to_string(), json!({})));
-    wait_for(&mut gw_events, "first run", |e| matches!(e, GatewayEvent::RunComplete { .. }).then_some(())).await;
+    wait_for(&mut gw_events, "first run", |e| {
+        matches!(e, GatewayEvent::RunComplete { .. }).then_some(())
+    })
+    .await;
     let version = agent.context.applied_config_version();
     agent.shutdown();
     gw.shutdown().await;
@@ -119,10 +151,14 @@ async fn cached_config_is_used_when_the_gateway_is_down_at_start() {
     config.listen = addr.to_string();
     let gw = gateway::start(config).await.unwrap();
     let mut gw_events = gw.subscribe();
-    let devices = wait_for(&mut gw_events, "run delivered after the gateway came back", |e| match e {
-        GatewayEvent::RunComplete { devices, .. } => Some(*devices),
-        _ => None,
-    })
+    let devices = wait_for(
+        &mut gw_events,
+        "run delivered after the gateway came back",
+        |e| match e {
+            GatewayEvent::RunComplete { devices, .. } => Some(*devices),
+            _ => None,
+        },
+    )
     .await;
     assert_eq!(devices, 100);
     agent.shutdown();

@@ -19,13 +19,23 @@ use serviceradar_agent::messages::{ChildId, FaultKind, GetChildren, InjectChildF
 #[actix_rt::test]
 async fn every_child_restarts_with_backoff_after_stop_and_panic() {
     let fx = Fixture::new(&["agent-sup"]);
-    let gw = fx.gateway(&[("agent-sup", json!({"S": faker_source(50, 1)}))]).await;
+    let gw = fx
+        .gateway(&[("agent-sup", json!({"S": faker_source(50, 1)}))])
+        .await;
     let mut gw_events = gw.subscribe();
     let agent = agent::start(fx.bootstrap("agent-sup", &gw.local_addr().to_string(), json!({})));
     let mut events = agent.context.telemetry.subscribe();
-    wait_for(&mut gw_events, "first run", |e| matches!(e, GatewayEvent::RunComplete { .. }).then_some(())).await;
+    wait_for(&mut gw_events, "first run", |e| {
+        matches!(e, GatewayEvent::RunComplete { .. }).then_some(())
+    })
+    .await;
 
-    let children = [ChildId::Gateway, ChildId::Config, ChildId::Uploader, ChildId::Source("S".into())];
+    let children = [
+        ChildId::Gateway,
+        ChildId::Config,
+        ChildId::Uploader,
+        ChildId::Source("S".into()),
+    ];
     for child in &children {
         let mut last_delay = Duration::ZERO;
         for fault in [FaultKind::Stop, FaultKind::Panic] {
@@ -33,27 +43,40 @@ async fn every_child_restarts_with_backoff_after_stop_and_panic() {
             let before = agent.supervisor.send(GetChildren).await.unwrap()[child].generation;
             let injected = agent
                 .supervisor
-                .send(InjectChildFault { child: child.clone(), fault })
+                .send(InjectChildFault {
+                    child: child.clone(),
+                    fault,
+                })
                 .await
                 .unwrap();
             assert!(injected, "{child} should be running before {fault:?}");
             let panicked = wait_for(&mut events, "ChildFailed", |e| match e {
-                AgentEvent::ChildFailed { child: c, panicked, .. } if c == child => Some(*panicked),
+                AgentEvent::ChildFailed {
+                    child: c, panicked, ..
+                } if c == child => Some(*panicked),
                 _ => None,
             })
             .await;
             assert_eq!(panicked, fault == FaultKind::Panic, "{child} {fault:?}");
             let delay = wait_for(&mut events, "ChildRestartScheduled", |e| match e {
-                AgentEvent::ChildRestartScheduled { child: c, delay, .. } if c == child => Some(*delay),
+                AgentEvent::ChildRestartScheduled {
+                    child: c, delay, ..
+                } if c == child => Some(*delay),
                 _ => None,
             })
             .await;
             // Backoff: at least the base (20 ms), growing with each restart in the window.
             assert!(delay >= Duration::from_millis(20), "{child}: {delay:?}");
-            assert!(delay > last_delay, "{child}: backoff did not grow: {last_delay:?} then {delay:?}");
+            assert!(
+                delay > last_delay,
+                "{child}: backoff did not grow: {last_delay:?} then {delay:?}"
+            );
             last_delay = delay;
             let generation = wait_for(&mut events, "ChildStarted", |e| match e {
-                AgentEvent::ChildStarted { child: c, generation } if c == child => Some(*generation),
+                AgentEvent::ChildStarted {
+                    child: c,
+                    generation,
+                } if c == child => Some(*generation),
                 _ => None,
             })
             .await;
@@ -70,13 +93,18 @@ async fn every_child_restarts_with_backoff_after_stop_and_panic() {
     let stats = agent.context.telemetry.children();
     for child in &children {
         let s = &stats[child];
-        assert_eq!((s.restarts, s.panics, s.failures), (2, 1, 2), "{child}: {s:?}");
+        assert_eq!(
+            (s.restarts, s.panics, s.failures),
+            (2, 1, 2),
+            "{child}: {s:?}"
+        );
     }
 
     // The tree still works: a run requested through the reopened
     // ControlStream is delivered by the restarted uploader.
     let mut gw_events = gw.subscribe();
-    gw.send_command("agent-sup", "sync.run_now", json!({"source": "S"})).unwrap();
+    gw.send_command("agent-sup", "sync.run_now", json!({"source": "S"}))
+        .unwrap();
     let devices = wait_for(&mut gw_events, "run after restarts", |e| match e {
         GatewayEvent::RunComplete { devices, .. } => Some(*devices),
         _ => None,
@@ -115,7 +143,10 @@ fn restart_storm_exits_non_zero() {
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let log: Vec<String> = std::io::BufReader::new(stderr).lines().map_while(Result::ok).collect();
+        let log: Vec<String> = std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect();
         let _ = tx.send(log);
     });
     let log = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
@@ -123,9 +154,15 @@ fn restart_storm_exits_non_zero() {
         panic!("agent did not exit within {DEADLINE:?} during a restart storm");
     });
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(EXIT_RESTART_INTENSITY), "log:\n{}", log.join("\n"));
+    assert_eq!(
+        status.code(),
+        Some(EXIT_RESTART_INTENSITY),
+        "log:\n{}",
+        log.join("\n")
+    );
     assert!(
-        log.iter().any(|l| l.contains("restart intensity exceeded") && l.contains("chunk-uploader")),
+        log.iter()
+            .any(|l| l.contains("restart intensity exceeded") && l.contains("chunk-uploader")),
         "log:\n{}",
         log.join("\n")
     );

@@ -24,6 +24,7 @@ use super::context::{AgentContext, GatewaySession};
 use super::gateway_connection::{clamp_heartbeat, hello_request};
 use super::supervisor::ChildGuard;
 use super::telemetry::AgentEvent;
+use crate::clock::unix_secs;
 use crate::config::sources::{parse_config_json, SyncConfig};
 use crate::messages::{FetchConfigNow, ReconcileSources, RunNow, SetHeartbeatInterval};
 use crate::proto::control_stream_request::Payload as Up;
@@ -46,12 +47,16 @@ pub fn clamp_poll(secs: i32) -> Duration {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApplyOutcome {
     /// The config is in force (newly applied, or it already was).
-    Applied { version: String },
+    Applied {
+        version: String,
+    },
     NotModified,
     /// A `v0-` placeholder: the gateway had an error; current config kept.
     Placeholder,
     /// Unparseable payload: current config kept, will be retried.
-    Rejected { reason: String },
+    Rejected {
+        reason: String,
+    },
 }
 
 /// What to do with one config answer, decided without side effects.
@@ -114,7 +119,9 @@ impl ConfigActor {
     fn apply(&mut self, resp: &AgentConfigResponse) -> ApplyOutcome {
         if resp.heartbeat_interval_sec > 0 {
             if let Some(gw) = self.agent.peers.gateway() {
-                gw.do_send(SetHeartbeatInterval(clamp_heartbeat(resp.heartbeat_interval_sec)));
+                gw.do_send(SetHeartbeatInterval(clamp_heartbeat(
+                    resp.heartbeat_interval_sec,
+                )));
             }
         }
         if resp.config_poll_interval_sec > 0 {
@@ -143,8 +150,15 @@ impl ConfigActor {
         };
         self.reconcile(parsed);
         self.agent.set_applied_config_version(&resp.config_version);
-        if let Err(e) = write_cache(&self.agent.config_cache_path(), &resp.config_version, &resp.config_json) {
-            tracing::warn!("cannot cache the config at {}: {e}", self.agent.config_cache_path().display());
+        if let Err(e) = write_cache(
+            &self.agent.config_cache_path(),
+            &resp.config_version,
+            &resp.config_json,
+        ) {
+            tracing::warn!(
+                "cannot cache the config at {}: {e}",
+                self.agent.config_cache_path().display()
+            );
         }
         ApplyOutcome::Applied {
             version: resp.config_version.clone(),
@@ -174,12 +188,15 @@ impl ConfigActor {
         }
         let cached = std::fs::read(&path)
             .map_err(|e| e.to_string())
-            .and_then(|bytes| serde_json::from_slice::<CachedConfig>(&bytes).map_err(|e| e.to_string()));
+            .and_then(|bytes| {
+                serde_json::from_slice::<CachedConfig>(&bytes).map_err(|e| e.to_string())
+            });
         match cached {
             Ok(cached) => match parse_config_json(cached.config_json.to_string().as_bytes()) {
                 Ok(parsed) => {
                     tracing::info!(version = %cached.config_version, "starting with the cached config until the gateway answers");
-                    self.agent.set_applied_config_version(&cached.config_version);
+                    self.agent
+                        .set_applied_config_version(&cached.config_version);
                     self.reconcile(parsed);
                 }
                 Err(e) => tracing::warn!("ignoring cached config {}: {e}", path.display()),
@@ -266,7 +283,11 @@ async fn control_stream(
     let send = |payload: Up| {
         let tx = tx.clone();
         async move {
-            let _ = tx.send(ControlStreamRequest { payload: Some(payload) }).await;
+            let _ = tx
+                .send(ControlStreamRequest {
+                    payload: Some(payload),
+                })
+                .await;
         }
     };
     send(Up::Hello(ControlStreamHello {
@@ -283,7 +304,10 @@ async fn control_stream(
     }))
     .await;
     let mut client = session.client.clone();
-    let mut inbound = client.control_stream(ReceiverStream::new(rx)).await?.into_inner();
+    let mut inbound = client
+        .control_stream(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
     while let Some(msg) = inbound.next().await {
         match msg?.payload {
             Some(Down::Config(config)) => {
@@ -326,7 +350,10 @@ async fn control_stream(
 /// Executes a gateway command; unknown commands fail (wire.md §2).
 async fn run_command(agent: &AgentContext, cmd: &CommandRequest) -> (bool, String) {
     if cmd.ttl_seconds > 0 && cmd.created_at > 0 && cmd.created_at + cmd.ttl_seconds < unix_secs() {
-        return (false, format!("command {} expired before it arrived", cmd.command_id));
+        return (
+            false,
+            format!("command {} expired before it arrived", cmd.command_id),
+        );
     }
     match cmd.command_type.as_str() {
         "sync.run_now" => {
@@ -336,7 +363,12 @@ async fn run_command(agent: &AgentContext, cmd: &CommandRequest) -> (bool, Strin
             }
             let source = match serde_json::from_slice::<Payload>(&cmd.payload_json) {
                 Ok(p) => p.source,
-                Err(e) => return (false, format!("sync.run_now payload must be {{\"source\": \"<name>\"}}: {e}")),
+                Err(e) => {
+                    return (
+                        false,
+                        format!("sync.run_now payload must be {{\"source\": \"<name>\"}}: {e}"),
+                    )
+                }
             };
             let Some(integration) = agent.peers.integration(&source) else {
                 return (false, format!("no running source named {source:?}"));
@@ -349,13 +381,6 @@ async fn run_command(agent: &AgentContext, cmd: &CommandRequest) -> (bool, Strin
         }
         other => (false, format!("unknown command type {other:?}")),
     }
-}
-
-fn unix_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
 }
 
 fn write_cache(path: &Path, version: &str, config_json: &[u8]) -> std::io::Result<()> {
@@ -437,24 +462,41 @@ mod tests {
 
     #[test]
     fn v0_placeholder_keeps_current_config() {
-        assert_eq!(decide(&resp("v0-error", ""), "vabc"), ConfigDecision::Placeholder);
-        assert_eq!(decide(&resp("v0-unavailable", ""), ""), ConfigDecision::Placeholder);
+        assert_eq!(
+            decide(&resp("v0-error", ""), "vabc"),
+            ConfigDecision::Placeholder
+        );
+        assert_eq!(
+            decide(&resp("v0-unavailable", ""), ""),
+            ConfigDecision::Placeholder
+        );
         // A v0- version that does carry a payload is a real config.
-        assert!(matches!(decide(&resp("v0-x", r#"{"sources":{}}"#), ""), ConfigDecision::Apply(_)));
+        assert!(matches!(
+            decide(&resp("v0-x", r#"{"sources":{}}"#), ""),
+            ConfigDecision::Apply(_)
+        ));
     }
 
     #[test]
     fn unparseable_payload_is_rejected_not_applied() {
         match decide(&resp("v2", "{not json"), "v1") {
-            ConfigDecision::Rejected(reason) => assert!(reason.contains("not valid JSON"), "{reason}"),
+            ConfigDecision::Rejected(reason) => {
+                assert!(reason.contains("not valid JSON"), "{reason}")
+            }
             other => panic!("expected rejection, got {other:?}"),
         }
-        assert!(matches!(decide(&resp("v2", "[]"), "v1"), ConfigDecision::Rejected(_)));
+        assert!(matches!(
+            decide(&resp("v2", "[]"), "v1"),
+            ConfigDecision::Rejected(_)
+        ));
     }
 
     #[test]
     fn same_version_is_not_reapplied() {
-        assert_eq!(decide(&resp("v1", r#"{"sources":{}}"#), "v1"), ConfigDecision::AlreadyApplied);
+        assert_eq!(
+            decide(&resp("v1", r#"{"sources":{}}"#), "v1"),
+            ConfigDecision::AlreadyApplied
+        );
         match decide(&resp("v2", r#"{"sources":{"f":{"type":"faker"}}}"#), "v1") {
             ConfigDecision::Apply(c) => assert_eq!(c.sources.len(), 1),
             other => panic!("expected apply, got {other:?}"),

@@ -46,7 +46,9 @@ impl HostInfo {
             hostname: gethostname::gethostname().to_string_lossy().into_owned(),
             os: std::env::consts::OS.to_owned(),
             arch: arch.to_owned(),
-            source_ip: host_ip.map(|ip| ip.to_string()).unwrap_or_else(detect_source_ip),
+            source_ip: host_ip
+                .map(|ip| ip.to_string())
+                .unwrap_or_else(detect_source_ip),
         }
     }
 }
@@ -102,7 +104,10 @@ impl Peers {
     }
 
     pub fn integration(&self, name: &str) -> Option<Addr<Integration>> {
-        self.inner.lock().ok().and_then(|p| p.integrations.get(name).cloned())
+        self.inner
+            .lock()
+            .ok()
+            .and_then(|p| p.integrations.get(name).cloned())
     }
 
     pub fn set_integration(&self, name: &str, addr: Option<Addr<Integration>>) {
@@ -178,14 +183,20 @@ impl AgentContext {
     /// Tells the connection actor that an RPC failed (it decides what to do).
     pub fn report_rpc_failure(&self, rpc: &'static str, status: &tonic::Status) {
         if let Some(gw) = self.peers.gateway() {
-            gw.do_send(crate::messages::RpcFailed { rpc, code: status.code() });
+            gw.do_send(crate::messages::RpcFailed {
+                rpc,
+                code: status.code(),
+            });
         }
     }
 }
 
 impl AgentContext {
     pub fn applied_config_version(&self) -> String {
-        self.applied_config_version.lock().map(|v| v.clone()).unwrap_or_default()
+        self.applied_config_version
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
     }
 
     pub fn set_applied_config_version(&self, version: &str) {

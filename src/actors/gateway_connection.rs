@@ -18,6 +18,7 @@ use tonic::transport::Endpoint;
 use super::context::{AgentContext, GatewaySession};
 use super::supervisor::ChildGuard;
 use super::telemetry::AgentEvent;
+use crate::clock::unix_nanos;
 use crate::config::bootstrap::Security;
 use crate::messages::{FetchConfigNow, RpcFailed, SetHeartbeatInterval};
 use crate::proto::agent_gateway_service_client::AgentGatewayServiceClient;
@@ -72,23 +73,24 @@ impl GatewayConnection {
         }
         self.link = Link::Connecting;
         let agent = self.agent.clone();
-        ctx.spawn(
-            async move { establish(&agent).await }
-                .into_actor(self)
-                .map(|result, act, ctx| match result {
-                    Ok(est) => act.on_connected(est, ctx),
-                    Err(reason) => {
-                        act.link = Link::Disconnected;
-                        act.on_lost(reason, ctx);
-                    }
-                }),
-        );
+        ctx.spawn(async move { establish(&agent).await }.into_actor(self).map(
+            |result, act, ctx| match result {
+                Ok(est) => act.on_connected(est, ctx),
+                Err(reason) => {
+                    act.link = Link::Disconnected;
+                    act.on_lost(reason, ctx);
+                }
+            },
+        ));
     }
 
     fn on_connected(&mut self, est: Established, ctx: &mut Context<Self>) {
         self.link = Link::Connected;
         self.backoff = reconnect_backoff(&self.agent);
-        self.hello_at_connection = est.connector.as_ref().map_or(0, MtlsConnector::connection_count);
+        self.hello_at_connection = est
+            .connector
+            .as_ref()
+            .map_or(0, MtlsConnector::connection_count);
         self.connector = est.connector;
         if let Some(interval) = est.heartbeat {
             self.heartbeat_every = interval;
@@ -116,9 +118,14 @@ impl GatewayConnection {
             ctx.cancel_future(timer);
         }
         self.agent.session.send_replace(None);
-        let delay = self.backoff.next().unwrap_or(self.agent.bootstrap.gateway.reconnect_cap);
+        let delay = self
+            .backoff
+            .next()
+            .unwrap_or(self.agent.bootstrap.gateway.reconnect_cap);
         tracing::warn!(addr = %self.agent.bootstrap.gateway_addr, retry_in = ?delay, "gateway unavailable: {reason}");
-        self.agent.telemetry.emit(AgentEvent::GatewayDisconnected { reason });
+        self.agent
+            .telemetry
+            .emit(AgentEvent::GatewayDisconnected { reason });
         ctx.run_later(delay, |act, ctx| act.connect(ctx));
     }
 
@@ -126,7 +133,8 @@ impl GatewayConnection {
         if let Some(timer) = self.heartbeat_timer.take() {
             ctx.cancel_future(timer);
         }
-        self.heartbeat_timer = Some(ctx.run_interval(self.heartbeat_every, |act, ctx| act.heartbeat(ctx)));
+        self.heartbeat_timer =
+            Some(ctx.run_interval(self.heartbeat_every, |act, ctx| act.heartbeat(ctx)));
     }
 
     /// One PushStatus; also the health probe after a failed RPC elsewhere.
@@ -134,7 +142,9 @@ impl GatewayConnection {
         if self.link != Link::Connected || self.heartbeat_in_flight {
             return;
         }
-        let Some(session) = self.agent.current_session() else { return };
+        let Some(session) = self.agent.current_session() else {
+            return;
+        };
         self.heartbeat_in_flight = true;
         let agent = self.agent.clone();
         let redialled = self
@@ -178,7 +188,10 @@ impl GatewayConnection {
 pub fn is_transport_failure(code: tonic::Code) -> bool {
     matches!(
         code,
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
     )
 }
 
@@ -237,7 +250,13 @@ async fn establish(agent: &AgentContext) -> Result<Established, String> {
                 .map_err(|e| describe_transport_error(&e))?;
             (channel, Some(connector))
         }
-        Security::Plaintext => (endpoint.connect().await.map_err(|e| describe_transport_error(&e))?, None),
+        Security::Plaintext => (
+            endpoint
+                .connect()
+                .await
+                .map_err(|e| describe_transport_error(&e))?,
+            None,
+        ),
     };
     let mut client = AgentGatewayServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -252,7 +271,8 @@ async fn establish(agent: &AgentContext) -> Result<Established, String> {
     if !hello.accepted {
         return Err(format!("gateway refused enrolment: {}", hello.message));
     }
-    let heartbeat = (hello.heartbeat_interval_sec > 0).then(|| clamp_heartbeat(hello.heartbeat_interval_sec));
+    let heartbeat =
+        (hello.heartbeat_interval_sec > 0).then(|| clamp_heartbeat(hello.heartbeat_interval_sec));
     Ok(Established {
         session: GatewaySession {
             client,
@@ -282,7 +302,10 @@ pub fn clamp_heartbeat(secs: i32) -> Duration {
     Duration::from_secs(secs.clamp(1, 3600) as u64)
 }
 
-async fn push_heartbeat(agent: &AgentContext, session: &GatewaySession) -> Result<(), tonic::Status> {
+async fn push_heartbeat(
+    agent: &AgentContext,
+    session: &GatewaySession,
+) -> Result<(), tonic::Status> {
     let mut client = session.client.clone();
     let mut req = tonic::Request::new(status_request(agent, session, Vec::new()));
     req.set_timeout(agent.bootstrap.gateway.rpc_timeout);
@@ -309,13 +332,6 @@ pub fn status_request(
         arch: agent.host.arch.clone(),
         ..Default::default()
     }
-}
-
-pub fn unix_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or_default()
 }
 
 impl Actor for GatewayConnection {

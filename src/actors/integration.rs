@@ -92,7 +92,10 @@ impl Integration {
                     None => agent.wait_for_session().await.gateway_id,
                 };
                 let update_ctx = UpdateContext {
-                    agent_id: config.agent_id.clone().unwrap_or_else(|| agent.bootstrap.agent_id.clone()),
+                    agent_id: config
+                        .agent_id
+                        .clone()
+                        .unwrap_or_else(|| agent.bootstrap.agent_id.clone()),
                     gateway_id,
                     partition: config
                         .partition
@@ -107,20 +110,24 @@ impl Integration {
                 });
                 match handle.await {
                     Ok(result) => result,
-                    Err(e) if e.is_panic() => Err(RunError::Panicked(panic_message(&*e.into_panic()))),
+                    Err(e) if e.is_panic() => {
+                        Err(RunError::Panicked(panic_message(&*e.into_panic())))
+                    }
                     Err(e) => Err(RunError::Failed(format!("run task ended: {e}"))),
                 }
             }
         };
         ctx.spawn(
             async move {
-                tokio::time::timeout(deadline, work).await.unwrap_or_else(|_| {
-                    cancel.store(true, Ordering::Relaxed);
-                    Err(RunError::Failed(format!(
-                        "run deadline of {} exceeded",
-                        humantime::format_duration(deadline)
-                    )))
-                })
+                tokio::time::timeout(deadline, work)
+                    .await
+                    .unwrap_or_else(|_| {
+                        cancel.store(true, Ordering::Relaxed);
+                        Err(RunError::Failed(format!(
+                            "run deadline of {} exceeded",
+                            humantime::format_duration(deadline)
+                        )))
+                    })
             }
             .into_actor(self)
             .map(move |result, act, ctx| act.finish_run(run_id, started, result, ctx)),
@@ -209,7 +216,9 @@ fn fetch_and_stage(
                     .map_err(|e| RunError::Failed(format!("source {:?}: {e}", config.name)))?,
             };
             generator.next_run();
-            let io = |e: std::io::Error| RunError::Failed(format!("staging run {run_id} in {}: {e}", dir.display()));
+            let io = |e: std::io::Error| {
+                RunError::Failed(format!("staging run {run_id} in {}: {e}", dir.display()))
+            };
             let mut writer = RunWriter::create(dir, run_id).map_err(io)?;
             let workers = std::thread::available_parallelism().map_or(1, usize::from);
             let staged = faker_stage(

@@ -30,8 +30,8 @@ use super::telemetry::AgentEvent;
 use super::uploader::ChunkUploader;
 use crate::config::sources::{SourceConfig, SourceEntry};
 use crate::messages::{
-    ChildExited, ChildId, ChildState, ExitReason, FaultKind, GetChildren, InjectChildFault, InjectFault, ReconcileSources,
-    ReportRun, Shutdown, StopSource,
+    ChildExited, ChildId, ChildState, ExitReason, FaultKind, GetChildren, InjectChildFault,
+    InjectFault, ReconcileSources, ReportRun, Shutdown, StopSource,
 };
 use crate::upload::envelope::RunReport;
 
@@ -70,7 +70,9 @@ impl Drop for ChildGuard {
         // No recorded reason: nobody asked the actor to stop, so its task
         // was dropped after a handler panicked.
         let reason = self.reason.take().unwrap_or_else(|| {
-            ExitReason::Panicked("actor task died without a stop request (uncaught panic in a handler)".into())
+            ExitReason::Panicked(
+                "actor task died without a stop request (uncaught panic in a handler)".into(),
+            )
         });
         self.supervisor.do_send(ChildExited {
             child: self.child.clone(),
@@ -158,7 +160,9 @@ impl Supervisor {
     }
 
     fn start_child(&mut self, id: &ChildId, ctx: &mut Context<Self>) {
-        let Some(slot) = self.slots.get_mut(id) else { return };
+        let Some(slot) = self.slots.get_mut(id) else {
+            return;
+        };
         slot.generation += 1;
         slot.pending_restart = None;
         let guard = ChildGuard {
@@ -214,7 +218,9 @@ impl Supervisor {
             }
             if let ChildId::Source(name) = id {
                 self.ctx.peers.set_integration(name, None);
-                self.ctx.telemetry.emit(AgentEvent::SourceStopped { name: name.clone() });
+                self.ctx
+                    .telemetry
+                    .emit(AgentEvent::SourceStopped { name: name.clone() });
             }
         }
     }
@@ -222,7 +228,9 @@ impl Supervisor {
     /// Restarts a source with a new config, keeping its slot so that its
     /// generation keeps counting (observers can tell a restart happened).
     fn replace_source(&mut self, id: &ChildId, config: Box<SourceConfig>, ctx: &mut Context<Self>) {
-        let Some(slot) = self.slots.get_mut(id) else { return };
+        let Some(slot) = self.slots.get_mut(id) else {
+            return;
+        };
         if let Some(handle) = slot.pending_restart.take() {
             ctx.cancel_future(handle);
         }
@@ -236,7 +244,9 @@ impl Supervisor {
 
     fn schedule_restart(&mut self, id: ChildId, ctx: &mut Context<Self>) {
         let policy = self.ctx.bootstrap.restart.clone();
-        let Some(slot) = self.slots.get_mut(&id) else { return };
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
         let now = Instant::now();
         while slot
             .recent_restarts
@@ -255,11 +265,13 @@ impl Supervisor {
                 "restart intensity exceeded: {id} failed {restarts} times within {}; exiting so the service manager can restart the agent",
                 humantime::format_duration(policy.window)
             );
-            self.ctx.telemetry.emit(AgentEvent::RestartIntensityExceeded {
-                child: id,
-                restarts,
-                window: policy.window,
-            });
+            self.ctx
+                .telemetry
+                .emit(AgentEvent::RestartIntensityExceeded {
+                    child: id,
+                    restarts,
+                    window: policy.window,
+                });
             self.shutting_down = true;
             System::current().stop_with_code(EXIT_RESTART_INTENSITY);
             return;
@@ -291,7 +303,8 @@ impl Supervisor {
             tracing::info!(child = %id, "source removed from config; stopping it");
             self.remove_child(&id, ctx);
         }
-        self.invalid_reported.retain(|name, _| desired.sources.contains_key(name));
+        self.invalid_reported
+            .retain(|name, _| desired.sources.contains_key(name));
         for (name, entry) in desired.sources {
             let id = ChildId::Source(name.clone());
             match entry {
@@ -377,7 +390,9 @@ impl Handler<ChildExited> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, msg: ChildExited, ctx: &mut Self::Context) {
-        let Some(slot) = self.slots.get_mut(&msg.child) else { return };
+        let Some(slot) = self.slots.get_mut(&msg.child) else {
+            return;
+        };
         if slot.generation != msg.generation || self.shutting_down {
             return; // an incarnation we already replaced or removed
         }
@@ -471,8 +486,9 @@ mod tests {
     #[test]
     fn restart_delay_is_jittered() {
         let base = Duration::from_millis(100);
-        let delays: std::collections::BTreeSet<_> =
-            (0..20).map(|_| restart_delay(base, Duration::from_secs(5), 3)).collect();
+        let delays: std::collections::BTreeSet<_> = (0..20)
+            .map(|_| restart_delay(base, Duration::from_secs(5), 3))
+            .collect();
         assert!(delays.len() > 1, "no jitter: {delays:?}");
     }
 }

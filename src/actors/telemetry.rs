@@ -13,22 +13,71 @@ use crate::messages::ChildId;
 /// Something that happened in the agent.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentEvent {
-    ChildStarted { child: ChildId, generation: u64 },
-    ChildFailed { child: ChildId, reason: String, panicked: bool },
-    ChildRestartScheduled { child: ChildId, restarts_in_window: u32, delay: Duration },
-    RestartIntensityExceeded { child: ChildId, restarts: u32, window: Duration },
-    GatewayConnected { gateway_id: String },
-    GatewayDisconnected { reason: String },
-    ConfigApplied { version: String, sources: usize },
-    ConfigRejected { version: String, reason: String },
-    SourceStarted { name: String, generation: u64 },
-    SourceStopped { name: String },
-    SourceInvalid { name: String, reason: String },
-    RunStaged { source: String, run_id: String, devices: u64 },
-    RunSkipped { source: String, reason: String },
-    ChunkSent { source: String, run_id: String, chunk_index: u32, total_chunks: u32 },
-    RunDelivered { source: String, run_id: String, devices: u64, chunks: u32 },
-    RunReported { source: String, run_id: String, ok: bool, error: Option<String> },
+    ChildStarted {
+        child: ChildId,
+        generation: u64,
+    },
+    ChildFailed {
+        child: ChildId,
+        reason: String,
+        panicked: bool,
+    },
+    ChildRestartScheduled {
+        child: ChildId,
+        restarts_in_window: u32,
+        delay: Duration,
+    },
+    RestartIntensityExceeded {
+        child: ChildId,
+        restarts: u32,
+        window: Duration,
+    },
+    GatewayConnected {
+        gateway_id: String,
+    },
+    GatewayDisconnected {
+        reason: String,
+    },
+    ConfigApplied {
+        version: String,
+        sources: usize,
+    },
+    ConfigRejected {
+        version: String,
+        reason: String,
+    },
+    SourceStarted {
+        name: String,
+        generation: u64,
+    },
+    SourceStopped {
+        name: String,
+    },
+    SourceInvalid {
+        name: String,
+        reason: String,
+    },
+    RunStaged {
+        source: String,
+        run_id: String,
+        devices: u64,
+    },
+    RunSkipped {
+        source: String,
+        reason: String,
+    },
+    RunDelivered {
+        source: String,
+        run_id: String,
+        devices: u64,
+        chunks: u32,
+    },
+    RunReported {
+        source: String,
+        run_id: String,
+        ok: bool,
+        error: Option<String>,
+    },
 }
 
 /// Counters for one supervised child.

@@ -27,6 +27,7 @@ use super::context::{AgentContext, GatewaySession};
 use super::gateway_connection::{is_transport_failure, status_request};
 use super::supervisor::ChildGuard;
 use super::telemetry::AgentEvent;
+use crate::clock::unix_secs;
 use crate::messages::{DeliverRun, ReportRun};
 use crate::proto::GatewayStatusChunk;
 use crate::upload::chunking::{plan, ChunkLimits, ChunkReader, RunIds};
@@ -58,7 +59,9 @@ impl ChunkUploader {
         if self.busy {
             return;
         }
-        let Some(job) = self.queue.pop_front() else { return };
+        let Some(job) = self.queue.pop_front() else {
+            return;
+        };
         self.busy = true;
         let agent = self.agent.clone();
         ctx.spawn(
@@ -170,7 +173,8 @@ async fn send_run(
     let producer = {
         let (staged, ids) = (staged.clone(), ids.clone());
         tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let mut reader = ChunkReader::open(&staged, &chunk_plan, &ids).map_err(|e| e.to_string())?;
+            let mut reader =
+                ChunkReader::open(&staged, &chunk_plan, &ids).map_err(|e| e.to_string())?;
             for range in streams {
                 let (tx, rx) = mpsc::channel(2);
                 if streams_tx.blocking_send(rx).is_err() {
@@ -183,7 +187,8 @@ async fn send_run(
                         Some(Err(e)) => return Err(e.to_string()),
                         None => return Err("staged run ended before its last chunk".into()),
                     };
-                    let envelope = fields.status_chunk(k as i32, stream_total, chunk.json, unix_secs());
+                    let envelope =
+                        fields.status_chunk(k as i32, stream_total, chunk.json, unix_secs());
                     if tx.blocking_send(envelope).is_err() {
                         return Ok(());
                     }
@@ -252,7 +257,9 @@ async fn push_report(agent: &AgentContext, report: &RunReport) {
             }
             Err(status) => {
                 agent.report_rpc_failure("PushStatus", &status);
-                let delay = backoff.next().unwrap_or(agent.bootstrap.gateway.reconnect_cap);
+                let delay = backoff
+                    .next()
+                    .unwrap_or(agent.bootstrap.gateway.reconnect_cap);
                 tracing::warn!(source = %report.source, code = ?status.code(), retry_in = ?delay, "run report not accepted: {}", status.message());
                 tokio::time::sleep(delay).await;
             }
@@ -270,13 +277,6 @@ fn retry_backoff(agent: &AgentContext) -> backon::ExponentialBackoff {
         .build()
 }
 
-fn unix_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
-}
-
 impl Actor for ChunkUploader {
     type Context = Context<Self>;
 
@@ -286,7 +286,8 @@ impl Actor for ChunkUploader {
         let dir = self.agent.staging_dir();
         if let Err(e) = std::fs::create_dir_all(&dir) {
             tracing::error!("cannot create the staging directory {}: {e}", dir.display());
-            self.guard.stopped(format!("staging directory {} unusable: {e}", dir.display()));
+            self.guard
+                .stopped(format!("staging directory {} unusable: {e}", dir.display()));
             ctx.stop();
         }
     }

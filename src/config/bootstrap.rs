@@ -27,7 +27,10 @@ pub struct BootstrapError {
 pub enum Security {
     /// mTLS with the given files; `server_name` is checked against the
     /// gateway's certificate.
-    Mtls { files: TlsFiles, server_name: String },
+    Mtls {
+        files: TlsFiles,
+        server_name: String,
+    },
     /// No TLS at all: only when the operator explicitly allowed it.
     Plaintext,
 }
@@ -114,6 +117,8 @@ pub struct Bootstrap {
     pub labels: BTreeMap<String, String>,
     /// Where the agent keeps run staging and its last good config.
     pub state_dir: PathBuf,
+    /// False when `state_dir` is the default rather than configured.
+    pub state_dir_configured: bool,
     pub restart: RestartPolicy,
     pub gateway: GatewayPolicy,
     /// Non-fatal findings (unknown keys, ignored values), logged at start.
@@ -187,7 +192,8 @@ impl Bootstrap {
 
     /// Parses bootstrap JSON; `base` is the folder relative paths start from.
     pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
-        let raw: RawBootstrap = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        let raw: RawBootstrap =
+            serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
         let mut warnings: Vec<String> = raw
             .unknown
             .keys()
@@ -200,14 +206,19 @@ impl Bootstrap {
             .filter(|s| !s.is_empty())
             .ok_or("agent_id is required")?;
         if agent_id.contains('.') || agent_id.chars().any(char::is_control) {
-            return Err(format!("agent_id {agent_id:?} must not contain dots or control characters"));
+            return Err(format!(
+                "agent_id {agent_id:?} must not contain dots or control characters"
+            ));
         }
         let partition = raw
             .partition
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "default".to_owned());
-        if partition.contains('.') || partition.len() > 128 || partition.chars().any(char::is_control) {
+        if partition.contains('.')
+            || partition.len() > 128
+            || partition.chars().any(char::is_control)
+        {
             return Err(format!(
                 "partition {partition:?} must be 1-128 bytes without dots or control characters"
             ));
@@ -220,25 +231,40 @@ impl Bootstrap {
         let gateway_host = split_host_port(&gateway_addr)?;
 
         let sec = raw.gateway_security.unwrap_or_default();
-        warnings.extend(sec.unknown.keys().map(|k| format!("unknown key gateway_security.{k} ignored")));
+        warnings.extend(
+            sec.unknown
+                .keys()
+                .map(|k| format!("unknown key gateway_security.{k} ignored")),
+        );
         if let Some(role) = sec.role.as_deref() {
             if !matches!(role, "agent" | "client" | "") {
-                warnings.push(format!("gateway_security.role {role:?} is not \"agent\"; ignored"));
+                warnings.push(format!(
+                    "gateway_security.role {role:?} is not \"agent\"; ignored"
+                ));
             }
         }
-        let mode = sec.mode.as_deref().unwrap_or("").trim().to_ascii_lowercase();
+        let mode = sec
+            .mode
+            .as_deref()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         let security = if mode == "mtls" {
             let tls = sec.tls.unwrap_or_default();
-            warnings.extend(tls.unknown.keys().map(|k| format!("unknown key gateway_security.tls.{k} ignored")));
+            warnings.extend(
+                tls.unknown
+                    .keys()
+                    .map(|k| format!("unknown key gateway_security.tls.{k} ignored")),
+            );
             let dir = match sec.cert_dir {
                 Some(d) if d.is_absolute() => d,
                 Some(d) => base.join(d),
                 None => base.to_owned(),
             };
             let file = |f: Option<PathBuf>, key: &str| -> Result<PathBuf, String> {
-                let f = f
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .ok_or_else(|| format!("gateway_security.tls.{key} is required in mtls mode"))?;
+                let f = f.filter(|p| !p.as_os_str().is_empty()).ok_or_else(|| {
+                    format!("gateway_security.tls.{key} is required in mtls mode")
+                })?;
                 Ok(if f.is_absolute() { f } else { dir.join(f) })
             };
             Security::Mtls {
@@ -264,8 +290,16 @@ impl Bootstrap {
             ));
         };
 
-        let host_ip = match raw.host_ip.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-            Some(s) => Some(s.parse().map_err(|_| format!("host_ip {s:?} is not an IP address"))?),
+        let host_ip = match raw
+            .host_ip
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            Some(s) => Some(
+                s.parse()
+                    .map_err(|_| format!("host_ip {s:?} is not an IP address"))?,
+            ),
             None => None,
         };
         let restart = raw.restart_policy;
@@ -284,16 +318,26 @@ impl Bootstrap {
             sync_runtime_enabled: raw.sync_runtime_enabled.unwrap_or(true),
             log_level: raw.logging.and_then(|l| l.level),
             labels: raw.labels,
+            state_dir_configured: raw.state_dir.is_some(),
             state_dir: match raw.state_dir {
                 Some(d) if d.is_absolute() => d,
                 Some(d) => base.join(d),
-                None => PathBuf::from("/var/lib/serviceradar-agent"),
+                None => default_state_dir(),
             },
             restart,
             gateway: raw.gateway_policy,
             warnings,
         })
     }
+}
+
+/// systemd's `StateDirectory=` (it sets `STATE_DIRECTORY`), else
+/// `/var/lib/serviceradar-agent`.
+pub fn default_state_dir() -> PathBuf {
+    std::env::var_os("STATE_DIRECTORY")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| PathBuf::from("/var/lib/serviceradar-agent"))
 }
 
 /// Returns the host part of `host:port` (IPv6 in brackets allowed).
@@ -329,8 +373,14 @@ mod tests {
         match b.security {
             Security::Mtls { files, server_name } => {
                 assert_eq!(server_name, "gw.example.com");
-                assert_eq!(files.cert_file, Path::new("/etc/serviceradar/certs/component.pem"));
-                assert_eq!(files.ca_file, Path::new("/etc/serviceradar/certs/ca-chain.pem"));
+                assert_eq!(
+                    files.cert_file,
+                    Path::new("/etc/serviceradar/certs/component.pem")
+                );
+                assert_eq!(
+                    files.ca_file,
+                    Path::new("/etc/serviceradar/certs/ca-chain.pem")
+                );
             }
             Security::Plaintext => panic!("expected mtls"),
         }
@@ -354,11 +404,15 @@ mod tests {
 
     #[test]
     fn plaintext_refused_unless_allowed() {
-        let text = r#"{"agent_id":"a1","gateway_addr":"gw:50052","gateway_security":{"mode":"none"}}"#;
+        let text =
+            r#"{"agent_id":"a1","gateway_addr":"gw:50052","gateway_security":{"mode":"none"}}"#;
         let err = Bootstrap::parse(text, Path::new(".")).unwrap_err();
         assert!(err.contains("mtls"), "{err}");
         let text = r#"{"agent_id":"a1","gateway_addr":"gw:50052","allow_plaintext_dev":true}"#;
-        assert!(matches!(Bootstrap::parse(text, Path::new(".")).unwrap().security, Security::Plaintext));
+        assert!(matches!(
+            Bootstrap::parse(text, Path::new(".")).unwrap().security,
+            Security::Plaintext
+        ));
     }
 
     #[test]
@@ -368,9 +422,18 @@ mod tests {
             (r#"{"agent_id":"a"}"#, "gateway_addr"),
             (r#"{"agent_id":"a","gateway_addr":"gw"}"#, "gateway_addr"),
             (r#"{"agent_id":"a.b","gateway_addr":"gw:1"}"#, "agent_id"),
-            (r#"{"agent_id":"a","gateway_addr":"gw:1","gateway_security":{"mode":"mtls","tls":{"cert_file":"c"}}}"#, "key_file"),
-            (r#"{"agent_id":"a","gateway_addr":"gw:1","host_ip":"nope","allow_plaintext_dev":true}"#, "host_ip"),
-            (r#"{"agent_id":"a","gateway_addr":"gw:1","allow_plaintext_dev":true,"restart_policy":{"window":"soon"}}"#, "soon"),
+            (
+                r#"{"agent_id":"a","gateway_addr":"gw:1","gateway_security":{"mode":"mtls","tls":{"cert_file":"c"}}}"#,
+                "key_file",
+            ),
+            (
+                r#"{"agent_id":"a","gateway_addr":"gw:1","host_ip":"nope","allow_plaintext_dev":true}"#,
+                "host_ip",
+            ),
+            (
+                r#"{"agent_id":"a","gateway_addr":"gw:1","allow_plaintext_dev":true,"restart_policy":{"window":"soon"}}"#,
+                "soon",
+            ),
         ] {
             let err = Bootstrap::parse(text, Path::new(".")).unwrap_err();
             assert!(err.contains(needle), "{text}: {err}");

@@ -28,8 +28,9 @@ pub fn parse_go_duration_str(s: &str) -> Result<GoDuration, String> {
     }
     // humantime accepts "1h30m", "500ms", "1h 30m"; Go has no spaces but
     // accepting them is harmless. Go's "us"/"µs" are also humantime units.
-    let d = humantime::parse_duration(body)
-        .map_err(|e| format!("invalid duration {s:?}: {e} (expected e.g. \"30s\", \"5m\", \"1h30m\")"))?;
+    let d = humantime::parse_duration(body).map_err(|e| {
+        format!("invalid duration {s:?}: {e} (expected e.g. \"30s\", \"5m\", \"1h30m\")")
+    })?;
     let nanos = i64::try_from(d.as_nanos()).map_err(|_| format!("duration {s:?} is too large"))?;
     Ok(GoDuration(if negative { -nanos } else { nanos }))
 }
@@ -88,16 +89,31 @@ mod tests {
 
     #[test]
     fn go_strings() {
-        assert_eq!(parse_go_duration(&json!("30s")).unwrap(), GoDuration(30_000_000_000));
-        assert_eq!(parse_go_duration(&json!("1h30m")).unwrap(), GoDuration(5_400_000_000_000));
-        assert_eq!(parse_go_duration(&json!("500ms")).unwrap(), GoDuration(500_000_000));
-        assert_eq!(parse_go_duration(&json!("-5m")).unwrap(), GoDuration(-300_000_000_000));
+        assert_eq!(
+            parse_go_duration(&json!("30s")).unwrap(),
+            GoDuration(30_000_000_000)
+        );
+        assert_eq!(
+            parse_go_duration(&json!("1h30m")).unwrap(),
+            GoDuration(5_400_000_000_000)
+        );
+        assert_eq!(
+            parse_go_duration(&json!("500ms")).unwrap(),
+            GoDuration(500_000_000)
+        );
+        assert_eq!(
+            parse_go_duration(&json!("-5m")).unwrap(),
+            GoDuration(-300_000_000_000)
+        );
         assert_eq!(parse_go_duration(&json!("0")).unwrap(), GoDuration(0));
     }
 
     #[test]
     fn nanoseconds() {
-        assert_eq!(parse_go_duration(&json!(1_000_000_000i64)).unwrap(), GoDuration(1_000_000_000));
+        assert_eq!(
+            parse_go_duration(&json!(1_000_000_000i64)).unwrap(),
+            GoDuration(1_000_000_000)
+        );
         assert!(parse_go_duration(&json!(1.5)).is_err());
     }
 
@@ -105,7 +121,9 @@ mod tests {
     fn errors_name_the_value() {
         let err = parse_go_duration(&json!("five minutes")).unwrap_err();
         assert!(err.contains("five minutes"), "{err}");
-        assert!(parse_go_duration(&json!(null)).unwrap_err().contains("null"));
+        assert!(parse_go_duration(&json!(null))
+            .unwrap_err()
+            .contains("null"));
         assert!(parse_go_duration(&json!(true)).is_err());
     }
 

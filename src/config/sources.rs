@@ -207,7 +207,11 @@ fn parse_valid_source(name: &str, value: &Value, hash: String) -> Result<SourceC
             "armis" => SourceKind::Armis,
             "netbox" => SourceKind::Netbox,
             "faker" => SourceKind::Faker,
-            other => return Err(format!("unsupported type {other:?} (supported: armis, netbox, faker)")),
+            other => {
+                return Err(format!(
+                    "unsupported type {other:?} (supported: armis, netbox, faker)"
+                ))
+            }
         },
         Some(other) => return Err(format!("type must be a string, got {}", json_type(other))),
         None => return Err("type is missing".into()),
@@ -234,7 +238,8 @@ fn parse_valid_source(name: &str, value: &Value, hash: String) -> Result<SourceC
         partition: opt_string(obj, "partition", &mut warnings).filter(|s| !s.is_empty()),
         agent_id: opt_string(obj, "agent_id", &mut warnings).filter(|s| !s.is_empty()),
         gateway_id: opt_string(obj, "gateway_id", &mut warnings).filter(|s| !s.is_empty()),
-        sync_service_id: opt_string(obj, "sync_service_id", &mut warnings).filter(|s| !s.is_empty()),
+        sync_service_id: opt_string(obj, "sync_service_id", &mut warnings)
+            .filter(|s| !s.is_empty()),
         hash,
         warnings,
     })
@@ -245,7 +250,10 @@ fn opt_string(obj: &Map<String, Value>, key: &str, warnings: &mut Vec<String>) -
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
         Some(other) => {
-            warnings.push(format!("{key} must be a string, got {}; ignored", json_type(other)));
+            warnings.push(format!(
+                "{key} must be a string, got {}; ignored",
+                json_type(other)
+            ));
             None
         }
     }
@@ -274,7 +282,10 @@ fn credentials(obj: &Map<String, Value>, warnings: &mut Vec<String>) -> Credenti
                 }
             }
         }
-        Some(other) => warnings.push(format!("credentials must be an object, got {}; ignored", json_type(other))),
+        Some(other) => warnings.push(format!(
+            "credentials must be an object, got {}; ignored",
+            json_type(other)
+        )),
     }
     Credentials(out)
 }
@@ -289,11 +300,21 @@ fn queries(obj: &Map<String, Value>, warnings: &mut Vec<String>) -> Vec<Query> {
                     warnings.push(format!("queries[{i}] must be an object; skipped"));
                     continue;
                 };
-                let text = |k: &str| q.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+                let text = |k: &str| {
+                    q.get(k)
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned()
+                };
                 let sweep_modes = q
                     .get("sweep_modes")
                     .and_then(Value::as_array)
-                    .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_owned)
+                            .collect()
+                    })
                     .unwrap_or_default();
                 out.push(Query {
                     label: text("label"),
@@ -302,7 +323,10 @@ fn queries(obj: &Map<String, Value>, warnings: &mut Vec<String>) -> Vec<Query> {
                 });
             }
         }
-        Some(other) => warnings.push(format!("queries must be an array, got {}; ignored", json_type(other))),
+        Some(other) => warnings.push(format!(
+            "queries must be an array, got {}; ignored",
+            json_type(other)
+        )),
     }
     out
 }
@@ -321,7 +345,9 @@ fn blacklist(obj: &Map<String, Value>, warnings: &mut Vec<String>) -> Vec<IpNet>
                 });
                 match parsed {
                     Some(net) => out.push(net),
-                    None => warnings.push(format!("network_blacklist entry {item} is not a CIDR; skipped")),
+                    None => warnings.push(format!(
+                        "network_blacklist entry {item} is not a CIDR; skipped"
+                    )),
                 }
             }
         }
@@ -382,9 +408,15 @@ mod tests {
         assert_eq!(s.kind, SourceKind::Armis);
         assert_eq!(s.credentials.get("page_size"), Some("500"));
         assert_eq!(s.queries[0].label, "Corporate devices");
-        assert_eq!(s.network_blacklist, vec!["10.255.0.0/16".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            s.network_blacklist,
+            vec!["10.255.0.0/16".parse::<IpNet>().unwrap()]
+        );
         assert_eq!(s.run_interval(), Some(Duration::from_secs(3600)));
-        assert_eq!(s.sync_service_id.as_deref(), Some("3f1c2a9e-7b4d-4c1e-9a8f-2d5e6b7c8d90"));
+        assert_eq!(
+            s.sync_service_id.as_deref(),
+            Some("3f1c2a9e-7b4d-4c1e-9a8f-2d5e6b7c8d90")
+        );
         assert!(s.warnings.is_empty(), "{:?}", s.warnings);
     }
 
@@ -392,14 +424,26 @@ mod tests {
     fn debug_never_shows_secrets() {
         let c = parse_config_json(REAL_EXAMPLE.as_bytes()).unwrap();
         let text = format!("{:?}", c);
-        assert!(!text.contains("s3cr3t") && !text.contains("ak_live_3F9x"), "{text}");
+        assert!(
+            !text.contains("s3cr3t") && !text.contains("ak_live_3F9x"),
+            "{text}"
+        );
     }
 
     #[test]
     fn hash_ignores_key_order_and_detects_changes() {
-        let a = parse_config_json(br#"{"sources":{"f":{"type":"faker","seed":"1","credentials":{"a":"1","b":"2"}}}}"#).unwrap();
-        let b = parse_config_json(br#"{"sources":{"f":{"credentials":{"b":"2","a":"1"},"seed":"1","type":"faker"}}}"#).unwrap();
-        let c = parse_config_json(br#"{"sources":{"f":{"type":"faker","seed":"2","credentials":{"a":"1","b":"2"}}}}"#).unwrap();
+        let a = parse_config_json(
+            br#"{"sources":{"f":{"type":"faker","seed":"1","credentials":{"a":"1","b":"2"}}}}"#,
+        )
+        .unwrap();
+        let b = parse_config_json(
+            br#"{"sources":{"f":{"credentials":{"b":"2","a":"1"},"seed":"1","type":"faker"}}}"#,
+        )
+        .unwrap();
+        let c = parse_config_json(
+            br#"{"sources":{"f":{"type":"faker","seed":"2","credentials":{"a":"1","b":"2"}}}}"#,
+        )
+        .unwrap();
         assert_eq!(a.sources["f"].hash(), b.sources["f"].hash());
         assert_ne!(a.sources["f"].hash(), c.sources["f"].hash());
     }
@@ -411,9 +455,15 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(c.sources["ok"], SourceEntry::Valid(_)));
-        for (name, needle) in [("weird", "unsupported"), ("noep", "endpoint"), ("num", "object")] {
+        for (name, needle) in [
+            ("weird", "unsupported"),
+            ("noep", "endpoint"),
+            ("num", "object"),
+        ] {
             match &c.sources[name] {
-                SourceEntry::Invalid { reason, .. } => assert!(reason.contains(needle) && reason.contains(name), "{reason}"),
+                SourceEntry::Invalid { reason, .. } => {
+                    assert!(reason.contains(needle) && reason.contains(name), "{reason}")
+                }
                 SourceEntry::Valid(_) => panic!("{name} should be invalid"),
             }
         }
@@ -439,16 +489,31 @@ mod tests {
 
     #[test]
     fn whole_payload_errors() {
-        assert!(matches!(parse_config_json(b"{nope"), Err(ConfigJsonError::Json(_))));
-        assert!(matches!(parse_config_json(b"[1]"), Err(ConfigJsonError::NotObject(_))));
-        assert!(matches!(parse_config_json(br#"{"sources":[]}"#), Err(ConfigJsonError::SourcesNotObject(_))));
+        assert!(matches!(
+            parse_config_json(b"{nope"),
+            Err(ConfigJsonError::Json(_))
+        ));
+        assert!(matches!(
+            parse_config_json(b"[1]"),
+            Err(ConfigJsonError::NotObject(_))
+        ));
+        assert!(matches!(
+            parse_config_json(br#"{"sources":[]}"#),
+            Err(ConfigJsonError::SourcesNotObject(_))
+        ));
         assert_eq!(parse_config_json(b"").unwrap(), SyncConfig::default());
-        assert_eq!(parse_config_json(br#"{"agent_id":"x"}"#).unwrap(), SyncConfig::default());
+        assert_eq!(
+            parse_config_json(br#"{"agent_id":"x"}"#).unwrap(),
+            SyncConfig::default()
+        );
     }
 
     #[test]
     fn no_interval_means_unscheduled() {
-        let c = parse_config_json(br#"{"sources":{"s":{"type":"faker","poll_interval":"-1s","discovery_interval":"0"}}}"#).unwrap();
+        let c = parse_config_json(
+            br#"{"sources":{"s":{"type":"faker","poll_interval":"-1s","discovery_interval":"0"}}}"#,
+        )
+        .unwrap();
         assert_eq!(valid(&c, "s").run_interval(), None);
     }
 }

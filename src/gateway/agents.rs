@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::config::AgentSources;
-use super::unix_now;
+use crate::clock::unix_secs;
 
 /// One agent's config as sent: payload, version and when it last changed.
 #[derive(Clone)]
@@ -33,7 +33,7 @@ pub(crate) struct AgentConfigs {
 
 impl AgentConfigs {
     pub fn new(agents: BTreeMap<String, AgentSources>) -> Self {
-        let now = unix_now();
+        let now = unix_secs();
         let agents = agents
             .into_iter()
             .map(|(id, a)| {
@@ -66,7 +66,7 @@ impl AgentConfigs {
         let mut agents = self.agents.write().unwrap_or_else(|p| p.into_inner());
         let entry = Entry {
             sources,
-            changed_at: unix_now(),
+            changed_at: unix_secs(),
         };
         let rendered = render(agent_id, &entry.sources, entry.changed_at);
         agents.insert(agent_id.to_owned(), entry);
@@ -173,10 +173,16 @@ mod tests {
         );
         assert_eq!(rendered.version, config_version(text.as_bytes()));
         assert_eq!(rendered.version.len(), 65);
-        assert_eq!(configs.source_partitions("a1"), BTreeSet::from(["lab".to_owned()]));
+        assert_eq!(
+            configs.source_partitions("a1"),
+            BTreeSet::from(["lab".to_owned()])
+        );
 
         let unknown = configs.render("nobody");
-        assert_eq!(unknown.config_json, br#"{"agent_id":"nobody","sources":{}}"#);
+        assert_eq!(
+            unknown.config_json,
+            br#"{"agent_id":"nobody","sources":{}}"#
+        );
 
         let changed = configs.set("a1", Map::new());
         assert_ne!(changed.version, rendered.version);

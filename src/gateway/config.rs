@@ -101,7 +101,8 @@ impl GatewayConfig {
     /// against its directory; errors name it).
     pub fn parse(text: &str, path: &Path) -> Result<Self, GatewayError> {
         let fields = Fields { path };
-        let root: Value = serde_json::from_str(text).map_err(|e| fields.err("(document)", e.to_string()))?;
+        let root: Value =
+            serde_json::from_str(text).map_err(|e| fields.err("(document)", e.to_string()))?;
         let Value::Object(root) = root else {
             return Err(fields.err("(document)", "expected a JSON object"));
         };
@@ -112,7 +113,9 @@ impl GatewayConfig {
         let defaults = Self::default();
         Ok(Self {
             listen: fields.string(&root, "listen")?.unwrap_or(defaults.listen),
-            gateway_id: fields.string(&root, "gateway_id")?.unwrap_or(defaults.gateway_id),
+            gateway_id: fields
+                .string(&root, "gateway_id")?
+                .unwrap_or(defaults.gateway_id),
             tls: fields.tls(&root, &base)?,
             allow_tls12: fields.boolean(&root, "allow_tls12")?.unwrap_or(false),
             database: fields.string(&root, "database")?.map(|db| base.join(db)),
@@ -146,10 +149,17 @@ impl Fields<'_> {
         self.string_at(obj, key, key)
     }
 
-    fn string_at(&self, obj: &Map<String, Value>, key: &str, field: &str) -> Result<Option<String>, GatewayError> {
+    fn string_at(
+        &self,
+        obj: &Map<String, Value>,
+        key: &str,
+        field: &str,
+    ) -> Result<Option<String>, GatewayError> {
         match obj.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) if s.trim().is_empty() => Err(self.err(field, "must not be empty")),
+            Some(Value::String(s)) if s.trim().is_empty() => {
+                Err(self.err(field, "must not be empty"))
+            }
             Some(Value::String(s)) => Ok(Some(s.trim().to_owned())),
             Some(_) => Err(self.err(field, "expected a string")),
         }
@@ -178,7 +188,9 @@ impl Fields<'_> {
     fn tls(&self, root: &Map<String, Value>, base: &Path) -> Result<TlsFiles, GatewayError> {
         let tls = match root.get("tls") {
             Some(Value::Object(tls)) => tls,
-            None | Some(Value::Null) => return Err(self.err("tls", "required (cert_file, key_file, ca_file)")),
+            None | Some(Value::Null) => {
+                return Err(self.err("tls", "required (cert_file, key_file, ca_file)"))
+            }
             Some(_) => return Err(self.err("tls", "expected an object")),
         };
         let dir = match self.string_at(tls, "cert_dir", "tls.cert_dir")? {
@@ -198,7 +210,10 @@ impl Fields<'_> {
         })
     }
 
-    fn agents(&self, root: &Map<String, Value>) -> Result<BTreeMap<String, AgentSources>, GatewayError> {
+    fn agents(
+        &self,
+        root: &Map<String, Value>,
+    ) -> Result<BTreeMap<String, AgentSources>, GatewayError> {
         let agents = match root.get("agents") {
             None | Some(Value::Null) => return Ok(BTreeMap::new()),
             Some(Value::Object(agents)) => agents,
@@ -208,7 +223,10 @@ impl Fields<'_> {
         for (agent_id, entry) in agents {
             let field = format!("agents.{agent_id}");
             if !super::identity::valid_component_id(agent_id) {
-                return Err(self.err(&field, "agent ids are non-empty and contain no dots or control characters"));
+                return Err(self.err(
+                    &field,
+                    "agent ids are non-empty and contain no dots or control characters",
+                ));
             }
             let Value::Object(entry) = entry else {
                 return Err(self.err(&field, "expected an object with `sources`"));
@@ -219,7 +237,12 @@ impl Fields<'_> {
             let sources = match entry.get("sources") {
                 None | Some(Value::Null) => Map::new(),
                 Some(Value::Object(sources)) => sources.clone(),
-                Some(_) => return Err(self.err(&format!("{field}.sources"), "expected an object keyed by source name")),
+                Some(_) => {
+                    return Err(self.err(
+                        &format!("{field}.sources"),
+                        "expected an object keyed by source name",
+                    ))
+                }
             };
             for (name, source) in &sources {
                 if !source.is_object() {
@@ -250,7 +273,10 @@ mod tests {
         let config = parse(EXAMPLE).unwrap();
         assert_eq!(config.listen, "127.0.0.1:50052");
         assert_eq!(config.gateway_id, "gw-local");
-        assert_eq!(config.tls.cert_file, PathBuf::from("/etc/gw/certs/gateway.pem"));
+        assert_eq!(
+            config.tls.cert_file,
+            PathBuf::from("/etc/gw/certs/gateway.pem")
+        );
         assert_eq!(config.tls.key_file, PathBuf::from("/abs/gateway-key.pem"));
         assert_eq!(config.tls.ca_file, PathBuf::from("/etc/gw/certs/ca.pem"));
         assert_eq!(config.database, Some(PathBuf::from("/etc/gw/gateway.db")));
@@ -261,10 +287,15 @@ mod tests {
 
     #[test]
     fn database_null_is_validate_only_and_defaults_apply() {
-        let config = parse(r#"{"tls":{"cert_file":"a","key_file":"b","ca_file":"c"},"database":null}"#).unwrap();
+        let config =
+            parse(r#"{"tls":{"cert_file":"a","key_file":"b","ca_file":"c"},"database":null}"#)
+                .unwrap();
         assert_eq!(config.database, None);
         assert_eq!(config.listen, DEFAULT_LISTEN);
-        assert_eq!(config.config_poll_interval_sec, DEFAULT_CONFIG_POLL_INTERVAL_SEC);
+        assert_eq!(
+            config.config_poll_interval_sec,
+            DEFAULT_CONFIG_POLL_INTERVAL_SEC
+        );
         assert_eq!(config.tls.ca_file, PathBuf::from("/etc/gw/c"));
         assert!(config.agents.is_empty());
     }
@@ -273,9 +304,18 @@ mod tests {
     fn errors_name_file_and_field() {
         let cases = [
             (r#"{"tls":{"cert_file":"a","key_file":"b"}}"#, "tls.ca_file"),
-            (r#"{"tls":{"cert_file":"a","key_file":"b","ca_file":"c"},"heartbeat_interval_sec":0}"#, "heartbeat_interval_sec"),
-            (r#"{"tls":{"cert_file":"a","key_file":"b","ca_file":"c"},"agents":{"a.b":{}}}"#, "agents.a.b"),
-            (r#"{"tls":{"cert_file":"a","key_file":"b","ca_file":"c"},"agents":{"x":{"sources":{"s":1}}}}"#, "agents.x.sources.s"),
+            (
+                r#"{"tls":{"cert_file":"a","key_file":"b","ca_file":"c"},"heartbeat_interval_sec":0}"#,
+                "heartbeat_interval_sec",
+            ),
+            (
+                r#"{"tls":{"cert_file":"a","key_file":"b","ca_file":"c"},"agents":{"a.b":{}}}"#,
+                "agents.a.b",
+            ),
+            (
+                r#"{"tls":{"cert_file":"a","key_file":"b","ca_file":"c"},"agents":{"x":{"sources":{"s":1}}}}"#,
+                "agents.x.sources.s",
+            ),
             (r#"{"listen":5}"#, "listen"),
             ("[1]", "(document)"),
         ];
@@ -283,7 +323,10 @@ mod tests {
             let err = parse(text).unwrap_err();
             let message = err.to_string();
             assert!(message.contains("/etc/gw/gateway.json"), "{message}");
-            assert!(message.contains(&format!("`{field}`")), "{message} should name {field}");
+            assert!(
+                message.contains(&format!("`{field}`")),
+                "{message} should name {field}"
+            );
         }
     }
 

@@ -1,6 +1,7 @@
 //! Open ControlStreams, one per agent: the gateway's way to push config and
 //! commands to agents that only ever dial out.
 
+use crate::clock::unix_secs;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -8,7 +9,7 @@ use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
-use super::{unix_now, GatewayError};
+use super::GatewayError;
 use crate::proto::control_stream_response::Payload;
 use crate::proto::{CommandRequest, ControlStreamResponse};
 
@@ -68,7 +69,10 @@ impl ControlRegistry {
 
     pub fn unregister(&self, agent_id: &str, connection: u64) {
         let mut streams = self.lock();
-        if streams.get(agent_id).is_some_and(|e| e.connection == connection) {
+        if streams
+            .get(agent_id)
+            .is_some_and(|e| e.connection == connection)
+        {
             streams.remove(agent_id);
         }
     }
@@ -84,10 +88,16 @@ impl ControlRegistry {
             .ok_or_else(|| GatewayError::AgentNotConnected(agent_id.to_owned()))?;
         entry
             .sender
-            .try_send(Ok(ControlStreamResponse { payload: Some(payload) }))
+            .try_send(Ok(ControlStreamResponse {
+                payload: Some(payload),
+            }))
             .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => GatewayError::ControlStreamFull(agent_id.to_owned()),
-                mpsc::error::TrySendError::Closed(_) => GatewayError::AgentNotConnected(agent_id.to_owned()),
+                mpsc::error::TrySendError::Full(_) => {
+                    GatewayError::ControlStreamFull(agent_id.to_owned())
+                }
+                mpsc::error::TrySendError::Closed(_) => {
+                    GatewayError::AgentNotConnected(agent_id.to_owned())
+                }
             })
     }
 
@@ -111,8 +121,8 @@ pub(crate) fn send_command(
     if command_type.trim().is_empty() {
         return Err(GatewayError::InvalidCommand("command_type is empty".into()));
     }
-    let payload_json =
-        serde_json::to_vec(payload).map_err(|e| GatewayError::InvalidCommand(format!("payload: {e}")))?;
+    let payload_json = serde_json::to_vec(payload)
+        .map_err(|e| GatewayError::InvalidCommand(format!("payload: {e}")))?;
     let command_id = uuid::Uuid::new_v4().to_string();
     registry.send(
         agent_id,
@@ -121,7 +131,7 @@ pub(crate) fn send_command(
             command_type: command_type.to_owned(),
             payload_json,
             ttl_seconds: COMMAND_TTL_SECONDS,
-            created_at: unix_now(),
+            created_at: unix_secs(),
         }),
     )?;
     tracing::info!(agent_id, command_id = %command_id, command_type, "command sent");

@@ -56,7 +56,8 @@ pub enum IdentityError {
 /// Derives the identity from a leaf certificate. A SPIFFE URI SAN wins over the
 /// CN; a malformed SPIFFE SAN is an error (no fallback to a weaker name).
 pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
     if let Some(uri) = spiffe_uri(&cert)? {
         return parse_spiffe(uri);
     }
@@ -86,7 +87,9 @@ fn spiffe_uri<'a>(cert: &'a X509Certificate<'_>) -> Result<Option<&'a str>, Iden
 /// `…/<type>/<tenant_slug>/<partition>/<id>`.
 pub fn parse_spiffe(uri: &str) -> Result<PeerIdentity, IdentityError> {
     let bad = |why: &str| IdentityError::NoIdentity(format!("SPIFFE ID {uri:?}: {why}"));
-    let rest = uri.strip_prefix("spiffe://").ok_or_else(|| bad("not a spiffe:// URI"))?;
+    let rest = uri
+        .strip_prefix("spiffe://")
+        .ok_or_else(|| bad("not a spiffe:// URI"))?;
     let (trust_domain, path) = rest.split_once('/').ok_or_else(|| bad("no path"))?;
     if trust_domain.is_empty() {
         return Err(bad("empty trust domain"));
@@ -120,7 +123,9 @@ pub fn parse_common_name(cn: &str) -> Result<PeerIdentity, IdentityError> {
     let bad = |why: &str| IdentityError::NoIdentity(format!("CN {cn:?}: {why}"));
     let labels: Vec<&str> = cn.split('.').collect();
     let (kind, tenant_slug) = match labels.as_slice() {
-        [_, _, marker, ..] if marker.eq_ignore_ascii_case(CN_MARKER) => (IdentityKind::SingleTenant, None),
+        [_, _, marker, ..] if marker.eq_ignore_ascii_case(CN_MARKER) => {
+            (IdentityKind::SingleTenant, None)
+        }
         [_, _, slug, marker, ..] if marker.eq_ignore_ascii_case(CN_MARKER) && !slug.is_empty() => {
             (IdentityKind::TenantEdge, Some((*slug).to_owned()))
         }
@@ -140,7 +145,10 @@ pub fn parse_common_name(cn: &str) -> Result<PeerIdentity, IdentityError> {
 
 /// Component ids: non-empty, ≤ 255 bytes, no dots, no control characters.
 pub fn valid_component_id(id: &str) -> bool {
-    !id.trim().is_empty() && id.len() <= MAX_COMPONENT_ID_BYTES && !id.contains('.') && !has_control(id)
+    !id.trim().is_empty()
+        && id.len() <= MAX_COMPONENT_ID_BYTES
+        && !id.contains('.')
+        && !has_control(id)
 }
 
 /// Partitions: 1–128 bytes, no dots, no control characters.
@@ -173,7 +181,9 @@ mod tests {
     use rustls::pki_types::CertificateDer;
 
     fn der(pem: &str) -> Vec<u8> {
-        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec()
     }
 
     #[test]
@@ -196,13 +206,20 @@ mod tests {
     #[test]
     fn cn_only_certs() {
         let ca = DevCa::generate("test ca").unwrap();
-        let (pem, _) = ca.issue_client("agent-1.dc1.serviceradar.example.com", None).unwrap();
+        let (pem, _) = ca
+            .issue_client("agent-1.dc1.serviceradar.example.com", None)
+            .unwrap();
         let id = identity_from_der(&der(&pem)).unwrap();
         assert_eq!(id.kind, IdentityKind::SingleTenant);
-        assert_eq!((id.component_id.as_str(), id.partition.as_str()), ("agent-1", "dc1"));
+        assert_eq!(
+            (id.component_id.as_str(), id.partition.as_str()),
+            ("agent-1", "dc1")
+        );
         assert_eq!(id.tenant_slug, None);
 
-        let (pem, _) = ca.issue_client("agent-2.dc2.acme.serviceradar", None).unwrap();
+        let (pem, _) = ca
+            .issue_client("agent-2.dc2.acme.serviceradar", None)
+            .unwrap();
         let id = identity_from_der(&der(&pem)).unwrap();
         assert_eq!(id.kind, IdentityKind::TenantEdge);
         assert_eq!(id.tenant_slug.as_deref(), Some("acme"));
@@ -214,7 +231,10 @@ mod tests {
     fn spiffe_wins_over_cn_and_carries_the_type() {
         let ca = DevCa::generate("test ca").unwrap();
         let (pem, _) = ca
-            .issue_client("agent-1.p.serviceradar", Some("spiffe://td.example/gateway/gw-7"))
+            .issue_client(
+                "agent-1.p.serviceradar",
+                Some("spiffe://td.example/gateway/gw-7"),
+            )
             .unwrap();
         let id = identity_from_der(&der(&pem)).unwrap();
         assert_eq!(id.component_type, "gateway");
@@ -228,26 +248,47 @@ mod tests {
         let (pem, _) = ca
             .issue_client("agent-1.p.serviceradar", Some("spiffe://td/agent/p/a.b"))
             .unwrap();
-        assert!(matches!(identity_from_der(&der(&pem)), Err(IdentityError::NoIdentity(_))));
+        assert!(matches!(
+            identity_from_der(&der(&pem)),
+            Err(IdentityError::NoIdentity(_))
+        ));
     }
 
     #[test]
     fn unparseable_names_are_no_identity() {
         let ca = DevCa::generate("test ca").unwrap();
-        for cn in ["agent-1", "agent-1.p.other", "a..serviceradar", ".p.serviceradar"] {
+        for cn in [
+            "agent-1",
+            "agent-1.p.other",
+            "a..serviceradar",
+            ".p.serviceradar",
+        ] {
             let (pem, _) = ca.issue_client(cn, None).unwrap();
             assert!(
-                matches!(identity_from_der(&der(&pem)), Err(IdentityError::NoIdentity(_))),
+                matches!(
+                    identity_from_der(&der(&pem)),
+                    Err(IdentityError::NoIdentity(_))
+                ),
                 "{cn}"
             );
         }
-        assert!(matches!(identity_from_der(b"not der"), Err(IdentityError::BadCertificate(_))));
+        assert!(matches!(
+            identity_from_der(b"not der"),
+            Err(IdentityError::BadCertificate(_))
+        ));
     }
 
     #[test]
     fn spiffe_paths() {
         let id = parse_spiffe("spiffe://sr.local/agent/acme/edge/a1").unwrap();
-        assert_eq!((id.tenant_slug.as_deref(), id.partition.as_str(), id.component_id.as_str()), (Some("acme"), "edge", "a1"));
+        assert_eq!(
+            (
+                id.tenant_slug.as_deref(),
+                id.partition.as_str(),
+                id.component_id.as_str()
+            ),
+            (Some("acme"), "edge", "a1")
+        );
         for bad in [
             "spiffe:///agent/a",
             "spiffe://td/agent",

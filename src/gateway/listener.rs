@@ -49,7 +49,12 @@ pub(crate) fn spawn_acceptor(
     (rx, task)
 }
 
-async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, peer: std::net::SocketAddr, tx: mpsc::Sender<Connection>) {
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: std::net::SocketAddr,
+    tx: mpsc::Sender<Connection>,
+) {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => {
             // The receiver is gone only when the server is shutting down.

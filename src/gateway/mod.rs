@@ -87,11 +87,21 @@ pub enum GatewayEvent {
     },
     /// A config payload was delivered (GetConfig answer or ControlStream push);
     /// `not_modified` answers are not reported.
-    ConfigServed { agent_id: String, version: String },
-    ConfigAcked { agent_id: String, version: String },
+    ConfigServed {
+        agent_id: String,
+        version: String,
+    },
+    ConfigAcked {
+        agent_id: String,
+        version: String,
+    },
     /// An agent's ControlStream is registered: pushes and commands reach it.
-    ControlStreamOpened { agent_id: String },
-    Heartbeat { agent_id: String },
+    ControlStreamOpened {
+        agent_id: String,
+    },
+    Heartbeat {
+        agent_id: String,
+    },
     /// A run chunk is now staged (emitted when its stream was accepted).
     ChunkStored {
         agent_id: String,
@@ -118,7 +128,10 @@ pub enum GatewayEvent {
         code: tonic::Code,
         reason: String,
     },
-    StreamAccepted { agent_id: String, chunks: u32 },
+    StreamAccepted {
+        agent_id: String,
+        chunks: u32,
+    },
     CommandResult {
         agent_id: String,
         command_id: String,
@@ -301,7 +314,11 @@ impl GatewayHandle {
 
     /// Replaces an agent's sources (a new config version) and pushes the new
     /// config at once to the agent's ControlStream if it has one open.
-    pub fn set_agent_sources(&self, agent_id: &str, sources: serde_json::Map<String, serde_json::Value>) {
+    pub fn set_agent_sources(
+        &self,
+        agent_id: &str,
+        sources: serde_json::Map<String, serde_json::Value>,
+    ) {
         let rendered = self.shared.agents.set(agent_id, sources);
         server::push_config(&self.shared, agent_id, &rendered);
     }
@@ -330,7 +347,10 @@ impl GatewayHandle {
     pub async fn shutdown(mut self) {
         self.signal_stop();
         if let Some(mut task) = self.serve_task.take() {
-            if tokio::time::timeout(SHUTDOWN_GRACE, &mut task).await.is_err() {
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+                .await
+                .is_err()
+            {
                 tracing::warn!("gateway RPCs still open after the grace period; aborting them");
                 task.abort();
             }
@@ -352,12 +372,4 @@ impl Drop for GatewayHandle {
     fn drop(&mut self) {
         self.signal_stop();
     }
-}
-
-/// Unix time in seconds.
-pub(crate) fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

@@ -2,6 +2,7 @@
 //! the caller's identity from its client certificate; request fields never
 //! decide who the caller is.
 
+use crate::clock::unix_secs;
 use std::sync::Arc;
 
 use tokio_stream::wrappers::ReceiverStream;
@@ -13,13 +14,14 @@ use super::identity::{identity_from_der, PeerIdentity, AGENT_COMPONENT};
 use super::ingest::{parse_results, UpdatePolicy};
 use super::sink::StreamSession;
 use super::validate::{self, StreamValidator, Violation, RESULTS_SOURCE};
-use super::{unix_now, GatewayEvent, Shared, StatsCounters};
+use super::{GatewayEvent, Shared, StatsCounters};
 use crate::proto::agent_gateway_service_server::AgentGatewayService;
 use crate::proto::control_stream_request::Payload as ControlRequest;
 use crate::proto::control_stream_response::Payload as ControlPush;
 use crate::proto::{
-    AgentConfigRequest, AgentConfigResponse, AgentHelloRequest, AgentHelloResponse, ControlStreamRequest,
-    ControlStreamResponse, GatewayServiceStatus, GatewayStatusChunk, GatewayStatusRequest, GatewayStatusResponse,
+    AgentConfigRequest, AgentConfigResponse, AgentHelloRequest, AgentHelloResponse,
+    ControlStreamRequest, ControlStreamResponse, GatewayServiceStatus, GatewayStatusChunk,
+    GatewayStatusRequest, GatewayStatusResponse,
 };
 
 /// `service_name` prefix of run reports (wire.md §6).
@@ -42,7 +44,11 @@ impl GatewayService {
             config_timestamp: rendered.timestamp,
             heartbeat_interval_sec: self.shared.heartbeat_interval_sec,
             config_poll_interval_sec: self.shared.config_poll_interval_sec,
-            config_json: if not_modified { Vec::new() } else { rendered.config_json },
+            config_json: if not_modified {
+                Vec::new()
+            } else {
+                rendered.config_json
+            },
             ..Default::default()
         }
     }
@@ -57,7 +63,8 @@ fn identify<T>(request: &Request<T>) -> Result<PeerIdentity, Status> {
     let leaf = certs
         .first()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let identity = identity_from_der(leaf.as_ref()).map_err(|e| Status::unauthenticated(e.to_string()))?;
+    let identity =
+        identity_from_der(leaf.as_ref()).map_err(|e| Status::unauthenticated(e.to_string()))?;
     if identity.component_type != AGENT_COMPONENT {
         tracing::warn!(component_type = %identity.component_type, component_id = %identity.component_id,
             "non-agent identity called an agent RPC");
@@ -154,13 +161,18 @@ async fn pump(
                 ))
             }
         };
-        validator.accept(&mut chunk).map_err(|v| Rejection::violation(agent_id, v))?;
+        validator
+            .accept(&mut chunk)
+            .map_err(|v| Rejection::violation(agent_id, v))?;
         for service in chunk.services.iter().filter(|s| s.source == RESULTS_SOURCE) {
             let parsed = parse_results(&service.message, policy, session.keeps_devices())
                 .map_err(|v| Rejection::violation(agent_id, v))?;
             accepted += parsed.accepted();
             rejected += parsed.rejected();
-            let dropped = session.stage(parsed.parts).await.map_err(|e| internal(agent_id, e))?;
+            let dropped = session
+                .stage(parsed.parts)
+                .await
+                .map_err(|e| internal(agent_id, e))?;
             accepted = accepted.saturating_sub(dropped);
             rejected += dropped;
         }
@@ -168,13 +180,28 @@ async fn pump(
 }
 
 impl GatewayService {
-    async fn receive_stream(&self, request: Request<Streaming<GatewayStatusChunk>>) -> Result<StreamSummary, Rejection> {
-        let identity = identify(&request).map_err(|s| Rejection::new(None, s.code(), s.message()))?;
+    async fn receive_stream(
+        &self,
+        request: Request<Streaming<GatewayStatusChunk>>,
+    ) -> Result<StreamSummary, Rejection> {
+        let identity =
+            identify(&request).map_err(|s| Rejection::new(None, s.code(), s.message()))?;
         let agent_id = identity.component_id.clone();
-        let policy = UpdatePolicy::new(&identity.partition, self.shared.agents.source_partitions(&agent_id));
+        let policy = UpdatePolicy::new(
+            &identity.partition,
+            self.shared.agents.source_partitions(&agent_id),
+        );
         let mut validator = StreamValidator::new(&agent_id);
         let mut session = self.shared.sink.begin(&agent_id, &identity.tenant);
-        let (accepted, rejected) = match pump(request.into_inner(), &agent_id, &policy, &mut validator, &mut session).await {
+        let (accepted, rejected) = match pump(
+            request.into_inner(),
+            &agent_id,
+            &policy,
+            &mut validator,
+            &mut session,
+        )
+        .await
+        {
             Ok(counts) => counts,
             Err(rejection) => {
                 // Discard before answering, so a rejected stream has left
@@ -228,7 +255,13 @@ impl GatewayService {
                 return;
             }
         };
-        let text = |key: &str| report.get(key).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        let text = |key: &str| {
+            report
+                .get(key)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
         let source = match text("source") {
             s if s.is_empty() => service.service_name[RUN_REPORT_PREFIX.len()..].to_owned(),
             s => s,
@@ -239,7 +272,10 @@ impl GatewayService {
             source,
             run_id: text("run_id"),
             result: text("result"),
-            device_count: report.get("device_count").and_then(|v| v.as_u64()).unwrap_or(0),
+            device_count: report
+                .get("device_count")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0),
             error,
         };
         tracing::info!(agent_id, ?event, "run report");
@@ -252,19 +288,23 @@ impl GatewayService {
                 agent_id: agent_id.to_owned(),
                 version: ack.config_version,
             }),
-            Some(ControlRequest::CommandResult(result)) => self.shared.emit(GatewayEvent::CommandResult {
-                agent_id: agent_id.to_owned(),
-                command_id: result.command_id,
-                success: result.success,
-                message: result.message,
-            }),
+            Some(ControlRequest::CommandResult(result)) => {
+                self.shared.emit(GatewayEvent::CommandResult {
+                    agent_id: agent_id.to_owned(),
+                    command_id: result.command_id,
+                    success: result.success,
+                    message: result.message,
+                })
+            }
             Some(ControlRequest::CommandAck(ack)) => {
                 tracing::debug!(agent_id, command_id = %ack.command_id, "command acknowledged")
             }
             Some(ControlRequest::CommandProgress(p)) => {
                 tracing::debug!(agent_id, command_id = %p.command_id, percent = p.progress_percent, "command progress")
             }
-            Some(ControlRequest::Hello(_)) => tracing::debug!(agent_id, "repeated ControlStream hello ignored"),
+            Some(ControlRequest::Hello(_)) => {
+                tracing::debug!(agent_id, "repeated ControlStream hello ignored")
+            }
             None => tracing::debug!(agent_id, "empty ControlStream message ignored"),
         }
     }
@@ -272,7 +312,10 @@ impl GatewayService {
 
 #[tonic::async_trait]
 impl AgentGatewayService for GatewayService {
-    async fn hello(&self, request: Request<AgentHelloRequest>) -> Result<Response<AgentHelloResponse>, Status> {
+    async fn hello(
+        &self,
+        request: Request<AgentHelloRequest>,
+    ) -> Result<Response<AgentHelloResponse>, Status> {
         let identity = identify(&request)?;
         let hello = request.into_inner();
         check_agent(&identity, &hello.agent_id)?;
@@ -289,13 +332,16 @@ impl AgentGatewayService for GatewayService {
             agent_id: identity.component_id,
             message: "agent enrolled".into(),
             gateway_id: self.shared.gateway_id.clone(),
-            server_time: unix_now(),
+            server_time: unix_secs(),
             heartbeat_interval_sec: self.shared.heartbeat_interval_sec,
             config_outdated: hello.config_version != current.version,
         }))
     }
 
-    async fn get_config(&self, request: Request<AgentConfigRequest>) -> Result<Response<AgentConfigResponse>, Status> {
+    async fn get_config(
+        &self,
+        request: Request<AgentConfigRequest>,
+    ) -> Result<Response<AgentConfigResponse>, Status> {
         let identity = identify(&request)?;
         let ask = request.into_inner();
         check_agent(&identity, &ask.agent_id)?;
@@ -336,7 +382,9 @@ impl AgentGatewayService for GatewayService {
                 continue;
             }
             valid += 1;
-            if service.source == STATUS_SOURCE && service.service_name.starts_with(RUN_REPORT_PREFIX) {
+            if service.source == STATUS_SOURCE
+                && service.service_name.starts_with(RUN_REPORT_PREFIX)
+            {
                 self.record_run_report(&agent_id, service);
             }
         }
@@ -394,8 +442,16 @@ impl AgentGatewayService for GatewayService {
             Some(ControlStreamRequest {
                 payload: Some(ControlRequest::Hello(hello)),
             }) => hello,
-            Some(_) => return Err(Status::invalid_argument("the first ControlStream message must be hello")),
-            None => return Err(Status::invalid_argument("ControlStream closed before hello")),
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first ControlStream message must be hello",
+                ))
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "ControlStream closed before hello",
+                ))
+            }
         };
         check_agent(&identity, &hello.agent_id)?;
         let agent_id = identity.component_id;

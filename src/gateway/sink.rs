@@ -152,9 +152,10 @@ impl StreamSession {
             Target::Store(store) => {
                 let (store, owner) = (store.clone(), self.owner.clone());
                 let touched = std::mem::take(&mut self.touched_runs);
-                let completed = tokio::task::spawn_blocking(move || store.commit_blocking(&owner, &touched))
-                    .await
-                    .map_err(|e| StoreError::Task(e.to_string()))??;
+                let completed =
+                    tokio::task::spawn_blocking(move || store.commit_blocking(&owner, &touched))
+                        .await
+                        .map_err(|e| StoreError::Task(e.to_string()))??;
                 Ok(CommitOutcome {
                     stored: std::mem::take(&mut self.stored),
                     completed,
@@ -170,10 +171,13 @@ impl StreamSession {
         self.finished = true;
         if let (Target::Store(store), true) = (&self.target, self.staged_anything) {
             let (store, stream_id) = (store.clone(), self.owner.stream_id);
-            let result = tokio::task::spawn_blocking(move || store.discard_blocking(stream_id)).await;
+            let result =
+                tokio::task::spawn_blocking(move || store.discard_blocking(stream_id)).await;
             match result {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "could not discard chunks of a rejected stream"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "could not discard chunks of a rejected stream")
+                }
                 Err(e) => tracing::warn!(error = %e, "discard task failed"),
             }
         }
@@ -225,7 +229,8 @@ impl MemoryRuns {
             if run.total_chunks != part.total_chunks || run.chunks.contains_key(&part.chunk_index) {
                 continue;
             }
-            run.chunks.insert(part.chunk_index, (part.accepted, part.rejected));
+            run.chunks
+                .insert(part.chunk_index, (part.accepted, part.rejected));
             outcome.stored.push(stored_chunk(&part));
             if !touched.contains(&key) {
                 touched.push(key);

@@ -18,7 +18,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::{Map, Value};
 
 use super::ingest::{ChunkPart, StagedDevice};
-use super::unix_now;
+use crate::clock::unix_secs;
 
 const SCHEMA_VERSION: i64 = 1;
 
@@ -73,7 +73,9 @@ pub enum StoreError {
         path: PathBuf,
         source: rusqlite::Error,
     },
-    #[error("database {path} has schema version {found}, newer than this gateway ({SCHEMA_VERSION})")]
+    #[error(
+        "database {path} has schema version {found}, newer than this gateway ({SCHEMA_VERSION})"
+    )]
     NewerSchema { path: PathBuf, found: i64 },
     #[error("database {path}: corrupt staged chunk: {reason}")]
     Corrupt { path: PathBuf, reason: String },
@@ -147,7 +149,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -161,7 +165,8 @@ impl Store {
             source,
         };
         let mut conn = Connection::open(path).map_err(sql)?;
-        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(())).map_err(sql)?;
+        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+            .map_err(sql)?;
         // WAL + NORMAL is durable across application crashes; an OS crash may
         // lose the last transactions, which agents resend (idempotent).
         conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
@@ -171,7 +176,10 @@ impl Store {
             .execute("DELETE FROM staged_chunks WHERE stream_id IS NOT NULL", [])
             .map_err(sql)?;
         if orphans > 0 {
-            tracing::info!(chunks = orphans, "dropped chunks of streams interrupted by a restart");
+            tracing::info!(
+                chunks = orphans,
+                "dropped chunks of streams interrupted by a restart"
+            );
         }
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
@@ -273,7 +281,9 @@ impl Store {
     fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave a half-done transaction
         // (rusqlite rolls back on drop), so a poisoned connection is usable.
-        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn sql(&self, source: rusqlite::Error) -> StoreError {
@@ -284,7 +294,11 @@ impl Store {
     }
 
     /// Stages the parts of one message for an open stream (blocking).
-    pub(crate) fn stage_blocking(&self, owner: &StreamOwner, parts: &[ChunkPart]) -> Result<Vec<Staged>, StoreError> {
+    pub(crate) fn stage_blocking(
+        &self,
+        owner: &StreamOwner,
+        parts: &[ChunkPart],
+    ) -> Result<Vec<Staged>, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction().map_err(|e| self.sql(e))?;
         let mut outcome = Vec::with_capacity(parts.len());
@@ -295,7 +309,12 @@ impl Store {
         Ok(outcome)
     }
 
-    fn stage_part(&self, tx: &Transaction<'_>, owner: &StreamOwner, part: &ChunkPart) -> Result<Staged, StoreError> {
+    fn stage_part(
+        &self,
+        tx: &Transaction<'_>,
+        owner: &StreamOwner,
+        part: &ChunkPart,
+    ) -> Result<Staged, StoreError> {
         let sql = |e| self.sql(e);
         let done: bool = tx
             .query_row(
@@ -343,11 +362,15 @@ impl Store {
                     part.accepted as i64,
                     part.rejected as i64,
                     data,
-                    unix_now(),
+                    unix_secs(),
                 ])
             })
             .map_err(sql)?;
-        Ok(if inserted == 1 { Staged::New } else { Staged::Duplicate })
+        Ok(if inserted == 1 {
+            Staged::New
+        } else {
+            Staged::Duplicate
+        })
     }
 
     /// Accepts a stream: its chunks become permanent and every run in
@@ -378,12 +401,20 @@ impl Store {
     /// Drops the chunks of a rejected or abandoned stream (blocking).
     pub(crate) fn discard_blocking(&self, stream_id: i64) -> Result<(), StoreError> {
         self.lock()
-            .execute("DELETE FROM staged_chunks WHERE stream_id = ?1", params![stream_id])
+            .execute(
+                "DELETE FROM staged_chunks WHERE stream_id = ?1",
+                params![stream_id],
+            )
             .map(|_| ())
             .map_err(|e| self.sql(e))
     }
 
-    fn complete_run(&self, tx: &Transaction<'_>, owner: &StreamOwner, run_id: &str) -> Result<Option<CompletedRun>, StoreError> {
+    fn complete_run(
+        &self,
+        tx: &Transaction<'_>,
+        owner: &StreamOwner,
+        run_id: &str,
+    ) -> Result<Option<CompletedRun>, StoreError> {
         let sql = |e| self.sql(e);
         let (have, total, total_devices): (i64, Option<i64>, Option<i64>) = tx
             .query_row(
@@ -397,7 +428,7 @@ impl Store {
         if have < total {
             return Ok(None);
         }
-        let now = unix_now();
+        let now = unix_secs();
         let (mut devices, mut rejected) = (0u64, 0u64);
         {
             let mut chunks = tx
@@ -421,10 +452,11 @@ impl Store {
             while let Some(row) = rows.next().map_err(sql)? {
                 let data: Vec<u8> = row.get(0).map_err(sql)?;
                 rejected += row.get::<_, i64>(1).map_err(sql)? as u64;
-                let staged: Vec<StagedDevice> = serde_json::from_slice(&data).map_err(|e| StoreError::Corrupt {
-                    path: self.path.to_path_buf(),
-                    reason: format!("run {run_id}: {e}"),
-                })?;
+                let staged: Vec<StagedDevice> =
+                    serde_json::from_slice(&data).map_err(|e| StoreError::Corrupt {
+                        path: self.path.to_path_buf(),
+                        reason: format!("run {run_id}: {e}"),
+                    })?;
                 for d in staged {
                     upsert
                         .execute(params![
@@ -496,7 +528,8 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     if version < 1 {
         let tx = conn.transaction().map_err(sql)?;
         tx.execute_batch(SCHEMA_V1).map_err(sql)?;
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sql)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(sql)?;
         tx.commit().map_err(sql)?;
     }
     Ok(())
@@ -543,22 +576,43 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("gw.db")).unwrap();
 
-        assert_eq!(store.stage_blocking(&owner(1), &[part("r", 0, 3, &["10.0.0.1"])]).unwrap(), vec![Staged::New]);
-        assert!(store.commit_blocking(&owner(1), &["r".into()]).unwrap().is_empty());
+        assert_eq!(
+            store
+                .stage_blocking(&owner(1), &[part("r", 0, 3, &["10.0.0.1"])])
+                .unwrap(),
+            vec![Staged::New]
+        );
+        assert!(store
+            .commit_blocking(&owner(1), &["r".into()])
+            .unwrap()
+            .is_empty());
 
         // A stream that is then rejected.
-        store.stage_blocking(&owner(2), &[part("r", 1, 3, &["10.0.0.2"])]).unwrap();
+        store
+            .stage_blocking(&owner(2), &[part("r", 1, 3, &["10.0.0.2"])])
+            .unwrap();
         store.discard_blocking(2).unwrap();
         assert_eq!(store.staged_chunk_count().await.unwrap(), 1);
 
         // Retry of chunk 0 is a duplicate; a different total is inconsistent.
         assert_eq!(
             store
-                .stage_blocking(&owner(3), &[part("r", 0, 3, &["10.9.9.9"]), part("r", 1, 4, &[])])
+                .stage_blocking(
+                    &owner(3),
+                    &[part("r", 0, 3, &["10.9.9.9"]), part("r", 1, 4, &[])]
+                )
                 .unwrap(),
             vec![Staged::Duplicate, Staged::Inconsistent]
         );
-        store.stage_blocking(&owner(3), &[part("r", 1, 3, &["10.0.0.2"]), part("r", 2, 3, &["10.0.0.1"])]).unwrap();
+        store
+            .stage_blocking(
+                &owner(3),
+                &[
+                    part("r", 1, 3, &["10.0.0.2"]),
+                    part("r", 2, 3, &["10.0.0.1"]),
+                ],
+            )
+            .unwrap();
         let done = store.commit_blocking(&owner(3), &["r".into()]).unwrap();
         assert_eq!(
             done,
@@ -574,8 +628,16 @@ mod tests {
         assert_eq!((runs.len(), runs[0].total_chunks), (1, 3));
 
         // Replaying a completed run changes nothing.
-        assert_eq!(store.stage_blocking(&owner(4), &[part("r", 0, 3, &["10.7.7.7"])]).unwrap(), vec![Staged::Duplicate]);
-        assert!(store.commit_blocking(&owner(4), &["r".into()]).unwrap().is_empty());
+        assert_eq!(
+            store
+                .stage_blocking(&owner(4), &[part("r", 0, 3, &["10.7.7.7"])])
+                .unwrap(),
+            vec![Staged::Duplicate]
+        );
+        assert!(store
+            .commit_blocking(&owner(4), &["r".into()])
+            .unwrap()
+            .is_empty());
         let devices = store.devices().await.unwrap();
         assert_eq!(devices.len(), 2);
         assert_eq!(devices[0].metadata, json!({"k":"v"}));
@@ -588,8 +650,12 @@ mod tests {
         let path = dir.path().join("gw.db");
         {
             let store = Store::open(&path).unwrap();
-            store.stage_blocking(&owner(1), &[part("r", 0, 2, &["10.0.0.1"])]).unwrap();
-            store.stage_blocking(&owner(2), &[part("r", 1, 2, &["10.0.0.2"])]).unwrap();
+            store
+                .stage_blocking(&owner(1), &[part("r", 0, 2, &["10.0.0.1"])])
+                .unwrap();
+            store
+                .stage_blocking(&owner(2), &[part("r", 1, 2, &["10.0.0.2"])])
+                .unwrap();
             store.commit_blocking(&owner(1), &["r".into()]).unwrap();
         }
         let store = Store::open(&path).unwrap();

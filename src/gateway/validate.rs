@@ -25,13 +25,22 @@ pub struct Violation {
 
 impl Violation {
     pub fn invalid(reason: impl Into<String>) -> Self {
-        Self { code: Code::InvalidArgument, reason: reason.into() }
+        Self {
+            code: Code::InvalidArgument,
+            reason: reason.into(),
+        }
     }
     pub fn denied(reason: impl Into<String>) -> Self {
-        Self { code: Code::PermissionDenied, reason: reason.into() }
+        Self {
+            code: Code::PermissionDenied,
+            reason: reason.into(),
+        }
     }
     pub fn exhausted(reason: impl Into<String>) -> Self {
-        Self { code: Code::ResourceExhausted, reason: reason.into() }
+        Self {
+            code: Code::ResourceExhausted,
+            reason: reason.into(),
+        }
     }
     pub fn to_status(&self) -> tonic::Status {
         tonic::Status::new(self.code, self.reason.clone())
@@ -66,12 +75,16 @@ pub fn check_service(service: &mut GatewayServiceStatus) -> Result<(), Violation
         return Err(Violation::invalid("service_name is required"));
     }
     if name.len() > MAX_SERVICE_NAME_BYTES {
-        return Err(Violation::invalid(format!("service_name exceeds {MAX_SERVICE_NAME_BYTES} bytes")));
+        return Err(Violation::invalid(format!(
+            "service_name exceeds {MAX_SERVICE_NAME_BYTES} bytes"
+        )));
     }
     if has_line_control(name) {
         return Err(Violation::invalid("service_name contains CR, LF or TAB"));
     }
-    if service.service_type.len() > MAX_SERVICE_TYPE_BYTES || has_line_control(&service.service_type) {
+    if service.service_type.len() > MAX_SERVICE_TYPE_BYTES
+        || has_line_control(&service.service_type)
+    {
         return Err(Violation::invalid(format!(
             "service_type of {name:?} is longer than {MAX_SERVICE_TYPE_BYTES} bytes or contains CR, LF or TAB"
         )));
@@ -168,13 +181,17 @@ impl StreamValidator {
             return Err(Violation::invalid("total_chunks must be > 0"));
         }
         match self.total_chunks {
-            Some(pinned) if pinned != total => return Err(Violation::invalid("total_chunks changed mid-stream")),
+            Some(pinned) if pinned != total => {
+                return Err(Violation::invalid("total_chunks changed mid-stream"))
+            }
             Some(_) => {}
             None => self.total_chunks = Some(total),
         }
         let index = chunk.chunk_index;
         if index < 0 || index >= total {
-            return Err(Violation::invalid(format!("chunk_index {index} outside 0..{total}")));
+            return Err(Violation::invalid(format!(
+                "chunk_index {index} outside 0..{total}"
+            )));
         }
         if index != self.next_index {
             return Err(Violation::invalid(format!(
@@ -247,7 +264,11 @@ mod tests {
     fn valid_streams() {
         assert_eq!(run(vec![chunk("a1", 0, 1, true)]), Ok(1));
         assert_eq!(
-            run(vec![chunk("a1", 0, 3, false), chunk("a1", 1, 3, false), chunk("a1", 2, 3, true)]),
+            run(vec![
+                chunk("a1", 0, 3, false),
+                chunk("a1", 1, 3, false),
+                chunk("a1", 2, 3, true)
+            ]),
             Ok(3)
         );
     }
@@ -275,7 +296,10 @@ mod tests {
 
     #[test]
     fn identity_mismatch_is_permission_denied() {
-        assert_eq!(code(run(vec![chunk("a2", 0, 1, true)])), Code::PermissionDenied);
+        assert_eq!(
+            code(run(vec![chunk("a2", 0, 1, true)])),
+            Code::PermissionDenied
+        );
         // A change after the first chunk is a sequence error.
         assert_eq!(
             code(run(vec![chunk("a1", 0, 2, false), chunk("a2", 1, 2, true)])),
@@ -311,7 +335,11 @@ mod tests {
             let mut s = service(source, b"[]");
             s.service_name = name.into();
             s.service_type = ty.into();
-            assert_eq!(check_service(&mut s).unwrap_err().code, Code::InvalidArgument, "{name:?}");
+            assert_eq!(
+                check_service(&mut s).unwrap_err().code,
+                Code::InvalidArgument,
+                "{name:?}"
+            );
         }
         let mut max = service("results", b"");
         max.service_name = "n".repeat(255);
@@ -321,7 +349,10 @@ mod tests {
     #[test]
     fn results_size_limit_and_status_truncation() {
         let mut big = service("results", &vec![b' '; MAX_RESULTS_MESSAGE_BYTES + 1]);
-        assert_eq!(check_service(&mut big).unwrap_err().code, Code::ResourceExhausted);
+        assert_eq!(
+            check_service(&mut big).unwrap_err().code,
+            Code::ResourceExhausted
+        );
         let mut at_limit = service("results", &vec![b' '; MAX_RESULTS_MESSAGE_BYTES]);
         assert!(check_service(&mut at_limit).is_ok());
 
@@ -340,8 +371,14 @@ mod tests {
 
     #[test]
     fn agent_id_check() {
-        assert_eq!(check_agent_id("", "a").unwrap_err().code, Code::InvalidArgument);
-        assert_eq!(check_agent_id("b", "a").unwrap_err().code, Code::PermissionDenied);
+        assert_eq!(
+            check_agent_id("", "a").unwrap_err().code,
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            check_agent_id("b", "a").unwrap_err().code,
+            Code::PermissionDenied
+        );
         assert!(check_agent_id("a", "a").is_ok());
     }
 }

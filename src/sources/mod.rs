@@ -98,7 +98,8 @@ pub fn faker_stage(
                         } else {
                             let range = k * STAGE_BATCH..((k + 1) * STAGE_BATCH).min(total);
                             let mut batch = EncodedBatch::default();
-                            faker_range(gen, range, ctx, blacklist, &mut |u| batch.push(u)).map(|c| (batch, c))
+                            faker_range(gen, range, ctx, blacklist, &mut |u| batch.push(u))
+                                .map(|c| (batch, c))
                         };
                         let failed = result.is_err();
                         // A closed channel means the writer gave up: stop.

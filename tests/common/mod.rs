@@ -26,8 +26,10 @@ impl Fixture {
     pub fn new(agents: &[&str]) -> Self {
         serviceradar_agent::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
-        let agents: Vec<(String, String)> =
-            agents.iter().map(|a| (a.to_string(), "default".to_string())).collect();
+        let agents: Vec<(String, String)> = agents
+            .iter()
+            .map(|a| (a.to_string(), "default".to_string()))
+            .collect();
         let pki = pki::create_dev_pki(
             &dir.path().join("certs"),
             &["localhost".to_string(), "127.0.0.1".to_string()],
@@ -62,7 +64,9 @@ impl Fixture {
     }
 
     pub async fn gateway(&self, agent_sources: &[(&str, Value)]) -> GatewayHandle {
-        gateway::start(self.gateway_config(agent_sources)).await.expect("gateway starts")
+        gateway::start(self.gateway_config(agent_sources))
+            .await
+            .expect("gateway starts")
     }
 
     /// Writes `agent.json` for `agent_id` and returns its path.
@@ -94,7 +98,8 @@ impl Fixture {
     }
 
     pub fn bootstrap(&self, agent_id: &str, gateway_addr: &str, extra: Value) -> Bootstrap {
-        Bootstrap::load(&self.bootstrap_file(agent_id, gateway_addr, extra)).expect("bootstrap parses")
+        Bootstrap::load(&self.bootstrap_file(agent_id, gateway_addr, extra))
+            .expect("bootstrap parses")
     }
 }
 
@@ -118,8 +123,12 @@ pub async fn wait_for<E: Clone, T>(
                         return t;
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(n)) => panic!("event receiver lagged by {n} while waiting for {what}"),
-                Err(broadcast::error::RecvError::Closed) => panic!("event stream closed while waiting for {what}"),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    panic!("event receiver lagged by {n} while waiting for {what}")
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    panic!("event stream closed while waiting for {what}")
+                }
             }
         }
     })

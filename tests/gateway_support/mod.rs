@@ -35,7 +35,8 @@ impl TestPki {
         ca.write(&layout).unwrap();
         write_pair(
             &layout.gateway(),
-            &ca.issue_server(&["localhost".into(), "127.0.0.1".into()]).unwrap(),
+            &ca.issue_server(&["localhost".into(), "127.0.0.1".into()])
+                .unwrap(),
         )
         .unwrap();
         Self { dir, ca, layout }
@@ -76,7 +77,11 @@ pub async fn start(config: GatewayConfig) -> GatewayHandle {
     gateway::start(config).await.unwrap()
 }
 
-pub async fn start_with_agents(pki: &TestPki, database: bool, agents: BTreeMap<String, AgentSources>) -> GatewayHandle {
+pub async fn start_with_agents(
+    pki: &TestPki,
+    database: bool,
+    agents: BTreeMap<String, AgentSources>,
+) -> GatewayHandle {
     let mut config = pki.gateway_config(database);
     config.agents = agents;
     start(config).await
@@ -115,18 +120,32 @@ pub async fn wait_for<T>(
 
 /// Collects events up to and including the next `StreamAccepted` or
 /// `StreamRejected` (emitted last for every stream).
-pub async fn events_of_next_stream(events: &mut broadcast::Receiver<GatewayEvent>) -> Vec<GatewayEvent> {
+pub async fn events_of_next_stream(
+    events: &mut broadcast::Receiver<GatewayEvent>,
+) -> Vec<GatewayEvent> {
     let mut seen = Vec::new();
     wait_for(events, |e| {
         seen.push(e.clone());
-        matches!(e, GatewayEvent::StreamAccepted { .. } | GatewayEvent::StreamRejected { .. }).then_some(())
+        matches!(
+            e,
+            GatewayEvent::StreamAccepted { .. } | GatewayEvent::StreamRejected { .. }
+        )
+        .then_some(())
     })
     .await;
     seen
 }
 
 /// One device update as the agent sends it (wire.md §5).
-pub fn update(agent_id: &str, partition: &str, ip: &str, run_id: &str, chunk: u32, total_chunks: u32, total_devices: u64) -> Value {
+pub fn update(
+    agent_id: &str,
+    partition: &str,
+    ip: &str,
+    run_id: &str,
+    chunk: u32,
+    total_chunks: u32,
+    total_devices: u64,
+) -> Value {
     json!({
         "agent_id": agent_id, "gateway_id": "gw-test", "partition": partition,
         "device_id": format!("{partition}:{ip}"), "ip": ip, "hostname": format!("host-{ip}"),
@@ -140,7 +159,14 @@ pub fn update(agent_id: &str, partition: &str, ip: &str, run_id: &str, chunk: u3
 
 /// A run of `devices` updates split into `chunks` run chunks of (nearly) equal
 /// size; returns one JSON array per run chunk.
-pub fn run_chunks(agent_id: &str, partition: &str, run_id: &str, devices: usize, chunks: u32, ip_base: u8) -> Vec<Vec<u8>> {
+pub fn run_chunks(
+    agent_id: &str,
+    partition: &str,
+    run_id: &str,
+    devices: usize,
+    chunks: u32,
+    ip_base: u8,
+) -> Vec<Vec<u8>> {
     let per = devices.div_ceil(chunks as usize);
     (0..chunks)
         .map(|c| {
@@ -158,7 +184,13 @@ pub fn run_chunks(agent_id: &str, partition: &str, run_id: &str, devices: usize,
 }
 
 /// The StreamStatus envelope of wire.md §6 around one results message.
-pub fn envelope(agent_id: &str, index: i32, total: i32, is_final: bool, message: Vec<u8>) -> GatewayStatusChunk {
+pub fn envelope(
+    agent_id: &str,
+    index: i32,
+    total: i32,
+    is_final: bool,
+    message: Vec<u8>,
+) -> GatewayStatusChunk {
     GatewayStatusChunk {
         services: vec![GatewayServiceStatus {
             service_name: "sync".into(),
@@ -193,7 +225,10 @@ pub fn stream_of(agent_id: &str, messages: Vec<Vec<u8>>) -> Vec<GatewayStatusChu
 }
 
 /// Sends one StreamStatus call.
-pub async fn send_stream(client: &mut Client, chunks: Vec<GatewayStatusChunk>) -> Result<(), tonic::Status> {
+pub async fn send_stream(
+    client: &mut Client,
+    chunks: Vec<GatewayStatusChunk>,
+) -> Result<(), tonic::Status> {
     client
         .stream_status(tokio_stream::iter(chunks))
         .await
