@@ -178,3 +178,62 @@ async fn an_agent_with_a_foreign_certificate_never_enrols() {
     agent.shutdown();
     gw.shutdown().await;
 }
+
+/// A source runs again on its interval without being asked.
+#[actix_rt::test]
+async fn a_source_runs_again_on_its_interval() {
+    let fx = Fixture::new(&["agent-tick"]);
+    let source = json!({"type": "faker", "credentials": {"total_devices": "30"}, "discovery_interval": "200ms"});
+    let gw = fx.gateway(&[("agent-tick", json!({"Ticking": source}))]).await;
+    let mut gw_events = gw.subscribe();
+    let agent = agent::start(fx.bootstrap("agent-tick", &gw.local_addr().to_string(), json!({})));
+    let mut runs = std::collections::BTreeSet::new();
+    while runs.len() < 3 {
+        let run = wait_for(&mut gw_events, "scheduled run", |e| match e {
+            GatewayEvent::RunComplete { run_id, devices, .. } => {
+                assert_eq!(*devices, 30);
+                Some(run_id.clone())
+            }
+            _ => None,
+        })
+        .await;
+        runs.insert(run);
+    }
+    agent.shutdown();
+    gw.shutdown().await;
+}
+
+/// A run with more than 5000 chunks goes out as several StreamStatus calls,
+/// each valid on its own, and the gateway reassembles the whole run.
+#[actix_rt::test]
+async fn a_run_of_more_than_5000_chunks_is_split_into_streams() {
+    let fx = Fixture::new(&["agent-split"]);
+    let gw = fx.gateway(&[("agent-split", json!({"Many": faker_source(5_200, 2)}))]).await;
+    let mut gw_events = gw.subscribe();
+    let extra = json!({"gateway_policy": {"reconnect_base": "50ms", "reconnect_cap": "1s", "chunk_max_updates": 1}});
+    let agent = agent::start(fx.bootstrap("agent-split", &gw.local_addr().to_string(), extra));
+    let mut streams = Vec::new();
+    let devices = wait_for(&mut gw_events, "run complete", |e| match e {
+        GatewayEvent::StreamAccepted { chunks, .. } => {
+            streams.push(*chunks);
+            None
+        }
+        GatewayEvent::RunComplete { devices, .. } => Some(*devices),
+        _ => None,
+    })
+    .await;
+    assert_eq!(devices, 5_200);
+    // The gateway reports the run before the stream that completed it.
+    while streams.iter().sum::<u32>() < 5_200 {
+        let chunks = wait_for(&mut gw_events, "last stream accepted", |e| match e {
+            GatewayEvent::StreamAccepted { chunks, .. } => Some(*chunks),
+            _ => None,
+        })
+        .await;
+        streams.push(chunks);
+    }
+    assert_eq!(streams, vec![5_000, 200]);
+    assert_eq!(gw.store().unwrap().device_count().await.unwrap(), 5_200);
+    agent.shutdown();
+    gw.shutdown().await;
+}

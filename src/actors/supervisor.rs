@@ -466,6 +466,29 @@ impl Handler<Shutdown> for Supervisor {
     }
 }
 
+/// Implements [`InjectFault`] and the guard bookkeeping of `stopped()` for a
+/// child actor with a `guard: ChildGuard` field.
+#[macro_export]
+macro_rules! supervised_child {
+    ($actor:ty) => {
+        impl ::actix::Handler<$crate::messages::InjectFault> for $actor {
+            type Result = ();
+
+            fn handle(&mut self, msg: $crate::messages::InjectFault, ctx: &mut Self::Context) {
+                match msg.0 {
+                    $crate::messages::FaultKind::Stop => {
+                        self.guard.stopped("fault injected: stop");
+                        ::actix::ActorContext::stop(ctx);
+                    }
+                    $crate::messages::FaultKind::Panic => {
+                        panic!("fault injected: panic in {}", stringify!($actor));
+                    }
+                }
+            }
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -491,27 +514,4 @@ mod tests {
             .collect();
         assert!(delays.len() > 1, "no jitter: {delays:?}");
     }
-}
-
-/// Implements [`InjectFault`] and the guard bookkeeping of `stopped()` for a
-/// child actor with a `guard: ChildGuard` field.
-#[macro_export]
-macro_rules! supervised_child {
-    ($actor:ty) => {
-        impl ::actix::Handler<$crate::messages::InjectFault> for $actor {
-            type Result = ();
-
-            fn handle(&mut self, msg: $crate::messages::InjectFault, ctx: &mut Self::Context) {
-                match msg.0 {
-                    $crate::messages::FaultKind::Stop => {
-                        self.guard.stopped("fault injected: stop");
-                        ::actix::ActorContext::stop(ctx);
-                    }
-                    $crate::messages::FaultKind::Panic => {
-                        panic!("fault injected: panic in {}", stringify!($actor));
-                    }
-                }
-            }
-        }
-    };
 }

@@ -154,10 +154,13 @@ async fn send_run(
     staged: &crate::upload::staging::StagedRun,
     ids: &RunIds,
 ) -> Result<u32, UploadError> {
-    let limits = ChunkLimits::default();
+    let limits = ChunkLimits {
+        max_updates: agent.bootstrap.gateway.chunk_max_updates,
+        ..ChunkLimits::default()
+    };
     let chunk_plan = {
         let path = staged.data_path.display().to_string();
-        let (staged, ids, limits) = (staged.clone(), ids.clone(), limits.clone());
+        let (staged, ids, limits) = (staged.clone(), ids.clone(), limits);
         tokio::task::spawn_blocking(move || plan(&staged, &ids, &limits))
             .await
             .map_err(|e| UploadError::Local(format!("chunk planning died: {e}")))?

@@ -76,6 +76,9 @@ pub struct GatewayPolicy {
     pub run_deadline: Duration,
     /// Attempts to deliver one staged run before it is reported failed.
     pub upload_attempts: u32,
+    /// Updates per chunk, at most 1000 (wire.md §6); smaller chunks suit
+    /// slow links.
+    pub chunk_max_updates: usize,
 }
 
 impl Default for GatewayPolicy {
@@ -86,6 +89,7 @@ impl Default for GatewayPolicy {
             rpc_timeout: Duration::from_secs(30),
             run_deadline: Duration::from_secs(600),
             upload_attempts: 5,
+            chunk_max_updates: 1000,
         }
     }
 }
@@ -303,6 +307,9 @@ impl Bootstrap {
             None => None,
         };
         let restart = raw.restart_policy;
+        if !(1..=1000).contains(&raw.gateway_policy.chunk_max_updates) {
+            return Err("gateway_policy.chunk_max_updates must be between 1 and 1000".into());
+        }
         if restart.max_restarts == 0 {
             return Err("restart_policy.max_restarts must be at least 1".into());
         }
