@@ -94,24 +94,37 @@ struct RunMeta {
 /// Parses a `results` message. A message that is not a JSON array rejects the
 /// stream (INVALID_ARGUMENT); bad elements are only counted.
 ///
-/// The message is read in one pass without building a `serde_json::Value`
-/// per update: only the fields the gateway looks at are picked out (strings
-/// borrowed from the message where they have no escapes), everything else
-/// is skipped, and in validate-only mode the metadata object is reduced to
-/// whether it holds a usable strong identifier. The outcome is that of
-/// [`parse_results_generic`], the reference form of these rules.
+/// No `serde_json::Value` is built per update: only the fields the gateway
+/// looks at are picked out (strings borrowed from the message), the rest is
+/// checked and skipped, and in validate-only mode the metadata object is
+/// reduced to whether it holds a usable strong identifier. Three readers, each
+/// with the outcome of [`parse_results_generic`], the reference form of these
+/// rules: in validate-only mode a scanner for the common shape of updates
+/// (plain strings, integers, objects) answers first; it hands anything else
+/// to a serde reader for any JSON; when that one fails the message is
+/// invalid and the reference reader words the error.
 pub fn parse_results(
     message: &[u8],
     policy: &UpdatePolicy,
     keep_devices: bool,
 ) -> Result<ParsedResults, Violation> {
-    match parse_fast(message, policy, keep_devices) {
-        Ok(parsed) => Ok(parsed),
-        // The fast reader rejects what the generic one rejects (skipped
-        // values go through the same checks as a `Value` would); the generic
-        // reader words the error, so its message stays the reference one.
-        Err(_) => parse_results_generic(message, policy, keep_devices),
+    // Invalid UTF-8 is an error wherever it is (a syntax error outside
+    // strings, an invalid string inside); one check of the whole message
+    // spares the readers below one per string.
+    if let Ok(text) = std::str::from_utf8(message) {
+        if !keep_devices {
+            if let Some(parsed) = scan_validate_only(text, policy) {
+                return Ok(parsed);
+            }
+        }
+        if let Ok(parsed) = parse_with_serde(text, policy, keep_devices) {
+            return Ok(parsed);
+        }
     }
+    // Only invalid messages get here (the readers above reject what this one
+    // rejects), so this reader's wording of the error is kept. When a reader
+    // gives up midway, updates it rejected are logged again (debug level).
+    parse_results_generic(message, policy, keep_devices)
 }
 
 /// The reference implementation of [`parse_results`]: every element becomes
@@ -262,13 +275,13 @@ fn text(update: &Map<String, Value>, key: &str) -> Option<String> {
 }
 
 // ---------------------------------------------------------------------------
-// The one-pass reader behind `parse_results`.
+// The serde reader: any JSON, in one pass, without a `Value` per update.
 //
 // Every value goes through `deserialize_any`, like a `Value` would, so the
-// same inputs are rejected (invalid UTF-8, lone surrogates, numbers out of
-// range, nesting deeper than serde_json's limit): `IgnoredAny` would skip
-// strings without these checks and is therefore not used. Duplicate keys keep
-// their last value, like a `Map` does.
+// same inputs are rejected (lone surrogates, numbers out of range, nesting
+// deeper than serde_json's limit; UTF-8 is checked beforehand): `IgnoredAny`
+// would skip values without these checks and is therefore not used.
+// Duplicate keys keep their last value, like a `Map` does.
 
 /// Implements the `Visitor` methods for every JSON type but objects, all
 /// producing `self.non_object()` (arrays are read through and dropped).
@@ -302,11 +315,12 @@ macro_rules! non_object_values {
     };
 }
 
-fn parse_fast(message: &[u8], policy: &UpdatePolicy, keep_devices: bool) -> Result<ParsedResults, serde_json::Error> {
-    // One UTF-8 check of the whole message spares serde_json one per string.
-    // Invalid UTF-8 is an error wherever it is (a syntax error outside
-    // strings, an invalid string inside), so it is reported as one.
-    let text = std::str::from_utf8(message).map_err(|_| de::Error::custom("message is not UTF-8"))?;
+/// Reads any JSON, with serde_json (`text` is known to be UTF-8).
+fn parse_with_serde(
+    text: &str,
+    policy: &UpdatePolicy,
+    keep_devices: bool,
+) -> Result<ParsedResults, serde_json::Error> {
     let mut out = ParsedResults::default();
     let mut de = serde_json::Deserializer::from_str(text);
     de::DeserializeSeed::deserialize(
@@ -357,15 +371,28 @@ impl<'de> de::Visitor<'de> for Results<'_> {
 
 /// Counts and (when kept) stores one update object, with the rules of
 /// `run_meta` and `stage_update`.
-fn stage_raw(out: &mut ParsedResults, update: RawUpdate<'_>, policy: &UpdatePolicy, keep_devices: bool) {
+fn stage_raw(
+    out: &mut ParsedResults,
+    update: RawUpdate<'_>,
+    policy: &UpdatePolicy,
+    keep_devices: bool,
+) {
     let Some(meta) = update.sync_meta.as_ref().and_then(RawMeta::run_meta) else {
         out.unattributed_rejected += 1;
         return;
     };
     let (run_id, chunk_index, total_chunks, total_devices) = meta;
-    let part = part_for(&mut out.parts, run_id, chunk_index, total_chunks, total_devices);
+    let part = part_for(
+        &mut out.parts,
+        run_id,
+        chunk_index,
+        total_chunks,
+        total_devices,
+    );
     let outcome = if keep_devices {
-        update.into_device(policy).map(|device| part.devices.push(device))
+        update
+            .into_device(policy)
+            .map(|device| part.devices.push(device))
     } else {
         update.check(policy)
     };
@@ -404,7 +431,9 @@ impl RawUpdate<'_> {
         if !policy.allowed_partitions.contains(partition) {
             return Err("partition not allowed for this agent");
         }
-        if !self.has_strong_id && !trimmed(&self.ip).is_some_and(|ip| ip.parse::<IpAddr>().is_ok()) {
+        // The IP only matters without a strong identifier.
+        let has_ip = || trimmed(&self.ip).is_some_and(|ip| ip.parse::<IpAddr>().is_ok());
+        if !self.has_strong_id && !has_ip() {
             return Err("no IP and no strong identifier");
         }
         Ok(())
@@ -460,7 +489,12 @@ impl RawMeta<'_> {
         if run_id.is_empty() || total_chunks == 0 || chunk_index >= total_chunks {
             return None;
         }
-        Some((run_id, chunk_index, total_chunks, self.total_devices.as_u64().unwrap_or(0)))
+        Some((
+            run_id,
+            chunk_index,
+            total_chunks,
+            self.total_devices.as_u64().unwrap_or(0),
+        ))
     }
 }
 
@@ -792,6 +826,265 @@ impl<'de> de::Visitor<'de> for SkipVisitor {
     }
 }
 
+// ---------------------------------------------------------------------------
+// The validate-only scanner: the common shape of a `results` message (an
+// array of objects whose values are strings without escapes, integers,
+// `true`/`false`/`null` and objects) read byte by byte, without serde. It
+// gives up (`None`) on anything else: other elements, escapes, fractions,
+// exponents, integers serde_json would read as floats, arrays, deep nesting
+// and every syntax error, all of which the serde reader then handles. What it
+// accepts is valid JSON, read as serde_json reads it.
+
+/// Deepest object nesting the scanner follows (the array is level 0, updates
+/// level 1); far below serde_json's recursion limit.
+const SCAN_MAX_DEPTH: usize = 8;
+
+fn scan_validate_only(text: &str, policy: &UpdatePolicy) -> Option<ParsedResults> {
+    let mut scanner = Scanner { text, pos: 0 };
+    let mut out = ParsedResults::default();
+    scanner.ws();
+    scanner.eat(b'[')?;
+    scanner.ws();
+    if scanner.peek() == Some(b']') {
+        scanner.pos += 1;
+    } else {
+        loop {
+            let update = scanner.update()?;
+            stage_raw(&mut out, update, policy, false);
+            scanner.ws();
+            match scanner.next()? {
+                b',' => scanner.ws(),
+                b']' => break,
+                _ => return None,
+            }
+        }
+    }
+    scanner.ws();
+    (scanner.pos == text.len()).then_some(out)
+}
+
+struct Scanner<'a> {
+    text: &'a str,
+    pos: usize,
+}
+
+impl<'a> Scanner<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.text.as_bytes().get(self.pos).copied()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let byte = self.peek()?;
+        self.pos += 1;
+        Some(byte)
+    }
+
+    fn eat(&mut self, byte: u8) -> Option<()> {
+        (self.peek()? == byte).then(|| self.pos += 1)
+    }
+
+    /// JSON whitespace.
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.peek() {
+            self.pos += 1;
+        }
+    }
+
+    /// A string without escapes or control characters.
+    fn string(&mut self) -> Option<&'a str> {
+        self.eat(b'"')?;
+        let start = self.pos;
+        let end = string_end(self.text.as_bytes(), start);
+        if self.text.as_bytes().get(end) != Some(&b'"') {
+            return None;
+        }
+        self.pos = end + 1;
+        // Both ends are next to an ASCII quote, so on character boundaries.
+        self.text.get(start..end)
+    }
+
+    /// An integer serde_json reads as an integer (not `-0`, not out of the
+    /// `u64`/`i64` range, no fraction or exponent), as `Value` stores it.
+    fn integer(&mut self) -> Option<Number> {
+        let negative = self.peek() == Some(b'-');
+        if negative {
+            self.pos += 1;
+        }
+        let start = self.pos;
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.pos += 1;
+        }
+        let digits = self.text.get(start..self.pos)?;
+        if digits.is_empty() || (digits.len() > 1 && digits.starts_with('0')) {
+            return None;
+        }
+        if let Some(b'.' | b'e' | b'E') = self.peek() {
+            return None;
+        }
+        let magnitude: u64 = digits.parse().ok()?;
+        if !negative {
+            return Some(magnitude.into());
+        }
+        if magnitude == 0 {
+            return None;
+        }
+        0i64.checked_sub_unsigned(magnitude).map(Number::from)
+    }
+
+    /// `true`, `false` or `null`.
+    fn literal(&mut self) -> Option<()> {
+        let rest = self.text.as_bytes().get(self.pos..)?;
+        let len = [&b"true"[..], b"false", b"null"]
+            .into_iter()
+            .find(|word| rest.starts_with(word))?
+            .len();
+        self.pos += len;
+        Some(())
+    }
+
+    /// The members of an object, each value read by `member` (which must
+    /// consume it); `depth` is the object's own.
+    fn object(
+        &mut self,
+        depth: usize,
+        mut member: impl FnMut(&mut Self, &'a str) -> Option<()>,
+    ) -> Option<()> {
+        if depth > SCAN_MAX_DEPTH {
+            return None;
+        }
+        self.eat(b'{')?;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+            return Some(());
+        }
+        loop {
+            let key = self.string()?;
+            self.ws();
+            self.eat(b':')?;
+            self.ws();
+            member(self, key)?;
+            self.ws();
+            match self.next()? {
+                b',' => self.ws(),
+                b'}' => return Some(()),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Any value the scanner accepts, dropped.
+    fn skip(&mut self, depth: usize) -> Option<()> {
+        match self.peek()? {
+            b'"' => self.string().map(drop),
+            b'{' => self.object(depth, |s, _| s.skip(depth + 1)),
+            b'-' | b'0'..=b'9' => self.integer().map(drop),
+            _ => self.literal(),
+        }
+    }
+
+    /// A value as `Scalar` classifies it.
+    fn scalar(&mut self, depth: usize) -> Option<Scalar<'a>> {
+        match self.peek()? {
+            b'"' => self.string().map(|s| Scalar::Str(Cow::Borrowed(s))),
+            b'-' | b'0'..=b'9' => self.integer().map(Scalar::Num),
+            _ => self.skip(depth).map(|()| Scalar::Other),
+        }
+    }
+
+    /// One element of the array; `None` also for elements that are not
+    /// objects (the serde reader counts those).
+    fn update(&mut self) -> Option<RawUpdate<'a>> {
+        let mut update = RawUpdate::default();
+        self.object(1, |s, key| {
+            match key {
+                "partition" => update.partition = s.scalar(2)?.into_text(),
+                "ip" => update.ip = s.scalar(2)?.into_text(),
+                "source" => update.source = s.scalar(2)?.into_text(),
+                "mac" => update.mac = s.scalar(2)?.into_text(),
+                "hostname" => update.hostname = s.scalar(2)?.into_text(),
+                "sync_meta" => update.sync_meta = s.sync_meta()?,
+                "metadata" => update.has_strong_id = s.strong_id_probe()?,
+                _ => s.skip(2)?,
+            }
+            Some(())
+        })?;
+        Some(update)
+    }
+
+    /// `SyncMetaField`.
+    fn sync_meta(&mut self) -> Option<Option<RawMeta<'a>>> {
+        if self.peek()? != b'{' {
+            return self.skip(2).map(|()| None);
+        }
+        let mut meta = RawMeta::default();
+        self.object(2, |s, key| {
+            let field = match key {
+                "sync_run_id" => &mut meta.sync_run_id,
+                "chunk_index" => &mut meta.chunk_index,
+                "total_chunks" => &mut meta.total_chunks,
+                "total_devices" => &mut meta.total_devices,
+                _ => return s.skip(3),
+            };
+            *field = s.scalar(3)?;
+            Some(())
+        })?;
+        Some(Some(meta))
+    }
+
+    /// `StrongIdProbe`.
+    fn strong_id_probe(&mut self) -> Option<bool> {
+        if self.peek()? != b'{' {
+            return self.skip(2).map(|()| false);
+        }
+        let mut usable = [false; STRONG_ID_KEYS.len()];
+        self.object(2, |s, key| {
+            match STRONG_ID_KEYS.iter().position(|k| *k == key) {
+                Some(i) => usable[i] = s.scalar(3)?.is_strong_id(),
+                None => s.skip(3)?,
+            }
+            Some(())
+        })?;
+        Some(usable.contains(&true))
+    }
+}
+
+/// The index of the first `"`, `\` or control character at or after
+/// `start` (`bytes.len()` when there is none), eight bytes at a time.
+fn string_end(bytes: &[u8], start: usize) -> usize {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    const QUOTES: u64 = u64::from_ne_bytes([b'"'; 8]);
+    const BACKSLASHES: u64 = u64::from_ne_bytes([b'\\'; 8]);
+    const SPACES: u64 = u64::from_ne_bytes([0x20; 8]);
+    let mut pos = start;
+    while let Some(chunk) = bytes.get(pos..pos + 8) {
+        let Ok(chunk) = <[u8; 8]>::try_from(chunk) else {
+            break;
+        };
+        // Little-endian, so that the lowest flagged byte comes first: only
+        // bytes after a match can be flagged wrongly (borrows).
+        let word = u64::from_le_bytes(chunk);
+        let quote = word ^ QUOTES;
+        let backslash = word ^ BACKSLASHES;
+        let found = (quote.wrapping_sub(ONES) & !quote)
+            | (backslash.wrapping_sub(ONES) & !backslash)
+            | (word.wrapping_sub(SPACES) & !word);
+        let found = found & HIGH;
+        if found != 0 {
+            return pos + (found.trailing_zeros() / 8) as usize;
+        }
+        pos += 8;
+    }
+    while let Some(&byte) = bytes.get(pos) {
+        if byte == b'"' || byte == b'\\' || byte < 0x20 {
+            return pos;
+        }
+        pos += 1;
+    }
+    pos
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -892,42 +1185,477 @@ mod tests {
             );
         }
     }
-}
 
-#[cfg(test)]
-mod perf {
-    use super::*;
-    use std::fmt::Write as _;
+    /// Every reader agrees with the reference one: same outcome when it
+    /// answers; the serde reader answers whenever the message is valid; the
+    /// scanner never answers for an invalid message. Returns whether the
+    /// scanner answered.
+    fn assert_same(message: &[u8], policy: &UpdatePolicy) -> bool {
+        let shown = String::from_utf8_lossy(message);
+        let mut scanned = false;
+        for keep in [false, true] {
+            let generic = parse_results_generic(message, policy, keep);
+            let text = std::str::from_utf8(message).ok();
+            let serde = text.map(|text| parse_with_serde(text, policy, keep));
+            match (&generic, serde) {
+                (Ok(expected), Some(Ok(got))) => assert_eq!(&got, expected, "keep={keep}: {shown}"),
+                (Err(_), Some(Err(_)) | None) => {}
+                (Ok(_), _) => panic!("keep={keep}: the serde reader refuses valid {shown}"),
+                (Err(_), Some(Ok(_))) => {
+                    panic!("keep={keep}: the serde reader accepts invalid {shown}")
+                }
+            }
+            if let (Some(text), false) = (text, keep) {
+                if let Some(got) = scan_validate_only(text, policy) {
+                    scanned = true;
+                    assert_eq!(Ok(&got), generic.as_ref(), "scanner: {shown}");
+                }
+            }
+            assert_eq!(parse_results(message, policy, keep), generic);
+        }
+        scanned
+    }
+
+    const META: &str = r#"{"sync_run_id":"r1","chunk_index":0,"total_chunks":1,"total_devices":3}"#;
 
     #[test]
-    #[ignore]
-    fn perf_parse() {
-        let mut m = String::from("[");
-        for i in 0..1000u32 {
-            if i > 0 { m.push(','); }
-            write!(m, r#"{{"agent_id":"bench-agent","gateway_id":"bench-gateway","partition":"default","device_id":"default:10.{}.{}.{}","ip":"10.{}.{}.{}","mac":"00:1A:2B:{:02X}:{:02X}:{:02X}","hostname":"cisco-sw-{i}","source":"faker","timestamp":"2025-01-01T00:00:00.123456789Z","metadata":{{"armis_category":"Network Equipment","armis_device_id":"{i}","armis_risk_level":"3","armis_tags":"core,lab","armis_type":"Switch","first_seen":"2024-06-01T10:00:00Z","integration_type":"faker","last_seen":"2025-01-01T00:00:00Z","manufacturer":"Cisco Systems","model":"Catalyst 9300","operating_system":"IOS-XE"}},"sync_meta":{{"sync_service_id":"Bench Faker","sync_run_id":"0c2f0d84-5f33-4b0e-9a4e-8e0d3d7c1a22","chunk_index":3,"total_chunks":1000,"total_devices":1000000,"is_final":false}}}}"#,
-                i>>16, (i>>8)&255, i&255, i>>16, (i>>8)&255, i&255, i>>16, (i>>8)&255, i&255).unwrap();
+    fn non_object_elements_among_objects_are_counted() {
+        let message = format!(
+            r#"[[{{"ip":"10.0.0.1","sync_meta":{META}}}], {{"ip":"10.0.0.1","sync_meta":{META}}}, "x", 7, -1.5e3, true, null, {{}}, [[]]]"#
+        );
+        let parsed = parse_results(message.as_bytes(), &policy(), false).unwrap();
+        assert_eq!(parsed.unattributed_rejected, 8);
+        assert_eq!(parsed.accepted(), 1);
+        assert_same(message.as_bytes(), &policy());
+    }
+
+    #[test]
+    fn metadata_numbers_are_strong_identifiers() {
+        let message = format!(
+            r#"[{{"metadata":{{"armis_device_id":42,"x":1}},"sync_meta":{META}}},
+                {{"metadata":{{"armis_device_id":"  ","netbox_device_id":1.5}},"sync_meta":{META}}},
+                {{"metadata":{{"integration_id":-3,"ip_count":2}},"ip":"bad","sync_meta":{META}}},
+                {{"metadata":{{"armis_device_id":null,"integration_id":[1]}},"sync_meta":{META}}}]"#
+        );
+        let parsed = parse_results(message.as_bytes(), &policy(), true).unwrap();
+        let keys: Vec<&str> = parsed.parts[0]
+            .devices
+            .iter()
+            .map(|d| d.device_key.as_str())
+            .collect();
+        assert_eq!(keys, ["42", "1.5", "-3"]);
+        assert_eq!(parsed.parts[0].devices[0].metadata["x"], json!(1));
+        assert_eq!((parsed.accepted(), parsed.rejected()), (3, 1));
+        let validated = parse_results(message.as_bytes(), &policy(), false).unwrap();
+        assert_eq!((validated.accepted(), validated.rejected()), (3, 1));
+        assert_same(message.as_bytes(), &policy());
+    }
+
+    #[test]
+    fn duplicate_keys_keep_the_last_value() {
+        let message = format!(
+            r#"[{{"ip":"10.0.0.1","ip":7,"metadata":{{"integration_id":"i"}},"metadata":[],"sync_meta":{META}}},
+                {{"ip":5,"ip":" 10.0.0.2 ","partition":"nope","partition":"lab","sync_meta":{META}}},
+                {{"ip":"10.0.0.3","sync_meta":{META},"sync_meta":1}},
+                {{"metadata":{{"netbox_device_id":"nb","netbox_device_id":""}},"sync_meta":{META}}},
+                {{"ip":"10.0.0.4","sync_meta":{{"sync_run_id":"r2","sync_run_id":" r1 ","chunk_index":9,"chunk_index":0,"total_chunks":1}}}}]"#
+        );
+        let parsed = parse_results(message.as_bytes(), &policy(), true).unwrap();
+        assert_eq!(parsed.unattributed_rejected, 1);
+        assert_eq!(parsed.parts.len(), 1);
+        let devices = &parsed.parts[0].devices;
+        assert_eq!(devices.len(), 2);
+        assert_eq!(
+            (devices[0].ip.as_deref(), devices[0].partition.as_str()),
+            (Some("10.0.0.2"), "lab")
+        );
+        assert_eq!(devices[1].device_key, "10.0.0.4");
+        assert_eq!(parsed.parts[0].rejected, 2);
+        assert_same(message.as_bytes(), &policy());
+    }
+
+    #[test]
+    fn escaped_keys_and_values_are_read_like_any_other() {
+        let message = format!(
+            r#"[{{"\u0069p":"10.0.0.\u0031","host\u006eame":" h\u00e9 ","metadata":{{"armis_device_id":"\ud83d\ude00"}},"sync_meta":{META}}}]"#
+        );
+        let parsed = parse_results(message.as_bytes(), &policy(), true).unwrap();
+        let device = &parsed.parts[0].devices[0];
+        assert_eq!(device.ip.as_deref(), Some("10.0.0.1"));
+        assert_eq!(device.hostname.as_deref(), Some("h\u{e9}"));
+        assert_eq!(device.device_key, "\u{1f600}");
+        assert_same(message.as_bytes(), &policy());
+    }
+
+    #[test]
+    fn ipv6_is_normalised_and_whitespace_trimmed() {
+        let message = format!(
+            r#"[{{"ip":" 2001:DB8:0:0::1 ","mac":"  ","source":" armis ","sync_meta":{META}}}]"#
+        );
+        let parsed = parse_results(message.as_bytes(), &policy(), true).unwrap();
+        let device = &parsed.parts[0].devices[0];
+        assert_eq!(device.ip.as_deref(), Some("2001:db8::1"));
+        assert_eq!(
+            (device.mac.as_deref(), device.source.as_str()),
+            (None, "armis")
+        );
+        assert_same(message.as_bytes(), &policy());
+    }
+
+    /// Inputs a `Value` refuses must be refused even where a reader
+    /// ignores the value, with the same error.
+    #[test]
+    fn invalid_json_in_ignored_values_is_still_invalid() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let bad: Vec<Vec<u8>> = vec![
+            format!(r#"[{{"agent_id":"\ud800","sync_meta":{META}}}]"#).into_bytes(),
+            format!(r#"[{{"agent_id":"\udc00x","ip":"10.0.0.1","sync_meta":{META}}}]"#)
+                .into_bytes(),
+            [&b"[{\"agent_id\":\""[..], &[0xff, 0xfe], &b"\"}]"[..]].concat(),
+            format!(r#"[{{"n":1e400,"sync_meta":{META}}}]"#).into_bytes(),
+            format!(r#"[{{"n":{deep},"sync_meta":{META}}}]"#).into_bytes(),
+            format!(r#"[{deep}]"#).into_bytes(),
+            b"[1,]".to_vec(),
+            b"[1] x".to_vec(),
+            b"[{\"a\":1,}]".to_vec(),
+            b"[{\"a\" 1}]".to_vec(),
+            b"[\"tab\there\"]".to_vec(),
+            b"[\"\\x\"]".to_vec(),
+            b"[{\"a\":01}]".to_vec(),
+            b"[".to_vec(),
+            b"[{\"a\":1}] x".to_vec(),
+            b"[{\"a\":1}]]".to_vec(),
+            b"[{\"a\":1}".to_vec(),
+            b"[{\"a\":1},]".to_vec(),
+            b"[{\"a\":1}{\"b\":2}]".to_vec(),
+            b"[{\"a\":1 \"b\":2}]".to_vec(),
+            b"[{\"a\" \"b\"}]".to_vec(),
+            b"[{,}]".to_vec(),
+            b"[{\"a\":}]".to_vec(),
+            b"[{\"a\":-}]".to_vec(),
+            b"[{\"a\":-01}]".to_vec(),
+            b"[{\"a\":+1}]".to_vec(),
+            b"[{\"a\":.5}]".to_vec(),
+            b"[{\"a\":1.}]".to_vec(),
+            b"[{\"a\":1e}]".to_vec(),
+            b"[{\"a\":tru}]".to_vec(),
+            b"[{\"a\":nul}]".to_vec(),
+            b"[{\"a\":truex}]".to_vec(),
+            b"[{\"a\":\"x}]".to_vec(),
+            b"[{\"a\":\"\x01\"}]".to_vec(),
+            b"[{\"a\x1f\":1}]".to_vec(),
+            b"[{\"a\":1}]\x00".to_vec(),
+            b"[{\"a\":{\"b\":{}}]".to_vec(),
+            b"[\x0c{}]".to_vec(),
+            b"[{\"a\":nan}]".to_vec(),
+            b"[{\"a\":\"\\x\"}]".to_vec(),
+            b"[{\"a\":\"\x01 and more than eight bytes\"}]".to_vec(),
+            b"[{\"a\":\"eight by\x1f and more than eight bytes\"}]".to_vec(),
+            format!("[{}1{}]", r#"{"a":"#.repeat(200), "}".repeat(200)).into_bytes(),
+        ];
+        for message in &bad {
+            let expected = parse_results_generic(message, &policy(), false).unwrap_err();
+            assert!(expected
+                .reason
+                .starts_with("results message is not a JSON array: "));
+            assert!(!assert_same(message, &policy()));
         }
-        m.push(']');
-        let bytes = m.into_bytes();
-        eprintln!("message {} bytes", bytes.len());
-        let policy = UpdatePolicy::new("default", []);
-        for (name, keep) in [("validate", false)] {
-            let t = std::time::Instant::now();
-            for _ in 0..200 { std::hint::black_box(parse_results(&bytes, &policy, keep).unwrap()); }
-            let fast = t.elapsed() / 200;
-            if std::env::var_os("FAST_ONLY").is_some() {
-                for _ in 0..2000 { std::hint::black_box(parse_results(&bytes, &policy, keep).unwrap()); }
-                eprintln!("{name}: fast {fast:?}/msg");
-                continue;
+    }
+
+    /// Valid messages near the scanner's limits: it answers as the reference
+    /// does or leaves them to the serde reader.
+    #[test]
+    fn scanner_edge_cases() {
+        let numbers = [
+            "0",
+            "-0",
+            "1",
+            "-1",
+            "1.0",
+            "1E3",
+            "1e3",
+            "1e-3",
+            "0.5",
+            "-0.0",
+            "4294967295",
+            "4294967296",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "true",
+            "false",
+            "null",
+            "{}",
+            "[]",
+            "\"\"",
+            "\"0\"",
+        ];
+        let mut scanned = 0;
+        for n in numbers {
+            for message in [
+                format!(
+                    r#"[{{"ip":"10.0.0.1","sync_meta":{{"sync_run_id":"r","chunk_index":{n},"total_chunks":2}}}}]"#
+                ),
+                format!(
+                    r#"[{{"ip":"10.0.0.1","sync_meta":{{"sync_run_id":"r","chunk_index":0,"total_chunks":{n}}}}}]"#
+                ),
+                format!(
+                    r#"[{{"ip":"10.0.0.1","sync_meta":{{"sync_run_id":"r","chunk_index":0,"total_chunks":1,"total_devices":{n}}}}}]"#
+                ),
+                format!(r#"[{{"metadata":{{"armis_device_id":{n}}},"sync_meta":{META}}}]"#),
+                format!(r#"[{{"metadata":{n},"sync_meta":{META},"x":{n}}}]"#),
+                format!(r#"[{{"sync_meta":{n}}}]"#),
+            ] {
+                scanned += usize::from(assert_same(message.as_bytes(), &policy()));
             }
-            let t = std::time::Instant::now();
-            for _ in 0..50 { std::hint::black_box(parse_results_generic(&bytes, &policy, keep).unwrap()); }
-            let slow = t.elapsed() / 50;
-            let t = std::time::Instant::now();
-            for _ in 0..200 { std::hint::black_box(serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&bytes).unwrap()); }
-            let ign = t.elapsed() / 200;
-            eprintln!("{name}: fast {fast:?}/msg generic {slow:?}/msg ignoredany {ign:?}/msg");
+        }
+        for message in [
+            r#"[{"ip":"10.0.0.1","sync_meta":{"sync_run_id":"r\"","chunk_index":0,"total_chunks":1}}]"#,
+            r#"[{"ip":"10.0.0.1","sync_meta":{"sync_run_id":"\u0072","chunk_index":0,"total_chunks":1}}]"#,
+            r#"[{"i\u0070":"10.0.0.1","sync_meta":{"sync_run_id":"r","chunk_index":0,"total_chunks":1}}]"#,
+            r#"[{"ip":"10.0.0.1","sync_meta":{"sync_run_id":"r","chunk_index":0,"total_chunks":1}}, 1]"#,
+            r#"[{"ip":"10.0.0.1","x":{"a":{"b":{"c":{"d":{"e":{"f":{"g":{"h":{"i":{}}}}}}}}}},"sync_meta":{"sync_run_id":"r","chunk_index":0,"total_chunks":1}}]"#,
+            "[]",
+            " [ ] ",
+            "[{}]",
+            "[ {} , { } ]",
+        ] {
+            scanned += usize::from(assert_same(message.as_bytes(), &policy()));
+        }
+        assert!(scanned > 60, "the scanner answered {scanned} times");
+    }
+
+    mod oracle {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Generators take `plain`: when set, only what the scanner reads
+        /// (no escapes, fractions, exponents, big or `-0` integers, arrays).
+        fn pick(
+            plain: bool,
+            all: &'static [&'static str],
+            extra: &'static [&'static str],
+        ) -> BoxedStrategy<String> {
+            let choices: Vec<&'static str> = if plain {
+                all.to_vec()
+            } else {
+                [all, extra].concat()
+            };
+            prop::sample::select(choices)
+                .prop_map(str::to_owned)
+                .boxed()
+        }
+
+        /// Strings that matter to the checks.
+        fn json_string(plain: bool) -> BoxedStrategy<String> {
+            pick(
+                plain,
+                &[
+                    r#""""#,
+                    r#""  ""#,
+                    r#""10.0.0.1""#,
+                    r#"" 10.0.0.2 ""#,
+                    r#""::FFFF:10.0.0.1""#,
+                    r#""fe80::1%eth0""#,
+                    r#""not-an-ip""#,
+                    r#""site-a""#,
+                    r#""lab""#,
+                    r#"" lab ""#,
+                    r#""elsewhere""#,
+                    r#""r1""#,
+                    r#""faker""#,
+                    r#""é😀""#,
+                    "\"\u{7f}\"",
+                ],
+                &[
+                    r#""10.0.0.\u0033""#,
+                    r#"" r2\t""#,
+                    r#""id-\"7\"""#,
+                    r#""\u00e9\ud83d\ude00""#,
+                ],
+            )
+        }
+
+        fn key(plain: bool) -> BoxedStrategy<String> {
+            pick(
+                plain,
+                &[
+                    r#""ip""#,
+                    r#""partition""#,
+                    r#""source""#,
+                    r#""mac""#,
+                    r#""hostname""#,
+                    r#""metadata""#,
+                    r#""sync_meta""#,
+                    r#""armis_device_id""#,
+                    r#""netbox_device_id""#,
+                    r#""integration_id""#,
+                    r#""sync_run_id""#,
+                    r#""chunk_index""#,
+                    r#""total_chunks""#,
+                    r#""total_devices""#,
+                    r#""agent_id""#,
+                    r#""x""#,
+                    r#""""#,
+                ],
+                &[r#""i\u0070""#, r#""integration\u005fid""#],
+            )
+        }
+
+        fn number(plain: bool) -> BoxedStrategy<String> {
+            let special = pick(
+                plain,
+                &[
+                    "0",
+                    "-1",
+                    "9223372036854775807",
+                    "-9223372036854775808",
+                    "18446744073709551615",
+                ],
+                &[
+                    "-0",
+                    "0.0",
+                    "1.0",
+                    "1e3",
+                    "-2.5E-3",
+                    "18446744073709551616",
+                    "-9223372036854775809",
+                    "2.50",
+                ],
+            );
+            prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<u64>().prop_map(|n| n.to_string()),
+                special,
+            ]
+            .boxed()
+        }
+
+        /// A JSON text for any value.
+        fn any_json(plain: bool) -> BoxedStrategy<String> {
+            let leaf = prop_oneof![
+                pick(plain, &["null", "true", "false"], &[]),
+                number(plain),
+                json_string(plain),
+            ];
+            leaf.prop_recursive(3, 24, 4, move |inner| {
+                let object = prop::collection::vec((key(plain), inner.clone()), 0..4)
+                    .prop_map(|kv| object(&kv));
+                if plain {
+                    object.boxed()
+                } else {
+                    prop_oneof![
+                        prop::collection::vec(inner, 0..4)
+                            .prop_map(|v| format!("[{}]", v.join(","))),
+                        object,
+                    ]
+                    .boxed()
+                }
+            })
+            .boxed()
+        }
+
+        fn object(kv: &[(String, String)]) -> String {
+            let fields: Vec<String> = kv.iter().map(|(k, v)| format!("{k} : {v}")).collect();
+            format!("{{ {} }}", fields.join(",\n\t"))
+        }
+
+        fn small_number(plain: bool) -> BoxedStrategy<String> {
+            prop_oneof![
+                6 => (0u64..3).prop_map(|n| n.to_string()),
+                4 => pick(plain, &["-1", "4294967297", r#""1""#, "null"], &["1.0", "-0", "0e0"]),
+            ]
+            .boxed()
+        }
+
+        fn sync_meta(plain: bool) -> BoxedStrategy<String> {
+            let field = prop_oneof![
+                json_string(plain).prop_map(|v| (r#""sync_run_id""#.to_owned(), v)),
+                small_number(plain).prop_map(|v| (r#""chunk_index""#.to_owned(), v)),
+                small_number(plain).prop_map(|v| (r#""total_chunks""#.to_owned(), v)),
+                small_number(plain).prop_map(|v| (r#""total_devices""#.to_owned(), v)),
+                any_json(plain).prop_map(|v| (r#""is_final""#.to_owned(), v)),
+            ];
+            prop::collection::vec(field, 0..7)
+                .prop_map(|kv| object(&kv))
+                .boxed()
+        }
+
+        /// Mostly strong identifier keys, with strings, numbers or other values.
+        fn metadata(plain: bool) -> BoxedStrategy<String> {
+            let key = prop_oneof![
+                3 => pick(plain, &[r#""armis_device_id""#, r#""netbox_device_id""#, r#""integration_id""#], &[]),
+                1 => key(plain),
+            ];
+            let value = prop_oneof![
+                2 => json_string(plain),
+                2 => number(plain),
+                1 => any_json(plain),
+            ];
+            prop::collection::vec((key, value), 0..5)
+                .prop_map(|kv| object(&kv))
+                .boxed()
+        }
+
+        /// An update-like object: fields that matter (possibly repeated or
+        /// of the wrong type) among fields that do not. Most have a usable
+        /// `sync_meta`, so that the update rules are exercised.
+        fn update(plain: bool) -> BoxedStrategy<String> {
+            let field = prop_oneof![
+                4 => (key(plain), json_string(plain)),
+                1 => sync_meta(plain).prop_map(|v| (r#""sync_meta""#.to_owned(), v)),
+                3 => metadata(plain).prop_map(|v| (r#""metadata""#.to_owned(), v)),
+                1 => (key(plain), any_json(plain)),
+            ];
+            let run = prop_oneof![4 => Just(r#""r1""#.to_owned()), 1 => json_string(plain)];
+            let base = (run, 0u32..2, small_number(plain)).prop_map(|(run, chunk, total)| {
+                vec![(
+                    r#""sync_meta""#.to_owned(),
+                    format!(
+                        r#"{{"sync_run_id":{run},"chunk_index":{chunk},"total_chunks":{total}}}"#
+                    ),
+                )]
+            });
+            (base, prop::collection::vec(field, 0..8), any::<bool>())
+                .prop_map(|(mut base, extra, front)| {
+                    if front {
+                        base.extend(extra);
+                    } else {
+                        base.splice(0..0, extra);
+                    }
+                    object(&base)
+                })
+                .boxed()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn readers_match_the_reference(elements in prop::collection::vec(prop_oneof![4 => update(false), 1 => any_json(false)], 0..8)) {
+                assert_same(format!(" [ {} ] ", elements.join(" , ")).as_bytes(), &policy());
+            }
+
+            #[test]
+            fn the_scanner_reads_plain_messages(elements in prop::collection::vec(update(true), 0..8)) {
+                let message = format!("\n[{}]\r\n", elements.join(",\n"));
+                prop_assert!(assert_same(message.as_bytes(), &policy()), "scanner gave up on {}", message);
+            }
+
+            #[test]
+            fn broken_messages_fail_alike(elements in prop::collection::vec(update(false), 1..4), cut in any::<prop::sample::Index>()) {
+                let message = format!("[{}]", elements.join(","));
+                assert_same(&message.as_bytes()[..cut.index(message.len())], &policy());
+            }
+
+            #[test]
+            fn broken_plain_messages_fail_alike(elements in prop::collection::vec(update(true), 1..4), cut in any::<prop::sample::Index>(), byte in any::<prop::sample::Index>(), with in prop::sample::select(&b"\"\\{}[],:0-. x\x01"[..])) {
+                let mut message = format!("[{}]", elements.join(",")).into_bytes();
+                let at = byte.index(message.len());
+                message[at] = with;
+                assert_same(&message[..cut.index(message.len() + 1).max(at + 1)], &policy());
+            }
         }
     }
 }
