@@ -1,5 +1,6 @@
 //! The device update: one element of a sync chunk's JSON array (wire.md §5).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -27,11 +28,16 @@ pub struct DeviceUpdate {
     /// RFC 3339 UTC with fractional seconds.
     pub timestamp: String,
     /// String values only (wire.md §5). Never carries the agent's own id.
+    /// Keys are mostly fixed names, so they are borrowed `'static` strings
+    /// when the agent builds an update (no allocation per key per device).
     #[serde(default)]
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Metadata,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync_meta: Option<SyncMeta>,
 }
+
+/// Device metadata: string keys (usually static names) to string values.
+pub type Metadata = BTreeMap<Cow<'static, str>, String>;
 
 /// Per-run numbering carried by every update of a chunk (wire.md §5).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,7 +71,7 @@ impl UpdateContext {
         ip: String,
         mac: Option<String>,
         hostname: Option<String>,
-        metadata: BTreeMap<String, String>,
+        metadata: Metadata,
     ) -> DeviceUpdate {
         DeviceUpdate {
             agent_id: self.agent_id.clone(),

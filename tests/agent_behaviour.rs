@@ -153,12 +153,16 @@ async fn a_run_past_its_deadline_is_reported_failed() {
 async fn an_agent_with_a_foreign_certificate_never_enrols() {
     let fx = Fixture::new(&["agent-legit"]);
     let foreign = Fixture::new(&["agent-foreign"]);
-    let gw = fx.gateway(&[("agent-foreign", json!({"S": faker_source(10, 1)}))]).await;
+    let gw = fx
+        .gateway(&[("agent-foreign", json!({"S": faker_source(10, 1)}))])
+        .await;
     let mut gw_events = gw.subscribe();
     // The foreign agent trusts the real CA (so it can verify the gateway) but
     // presents a certificate the gateway's CA never issued.
     let mut bootstrap = foreign.bootstrap("agent-foreign", &gw.local_addr().to_string(), json!({}));
-    if let serviceradar_agent::config::bootstrap::Security::Mtls { files, .. } = &mut bootstrap.security {
+    if let serviceradar_agent::config::bootstrap::Security::Mtls { files, .. } =
+        &mut bootstrap.security
+    {
         files.ca_file = fx.pki.ca_cert();
     }
     let agent = agent::start(bootstrap);
@@ -184,13 +188,17 @@ async fn an_agent_with_a_foreign_certificate_never_enrols() {
 async fn a_source_runs_again_on_its_interval() {
     let fx = Fixture::new(&["agent-tick"]);
     let source = json!({"type": "faker", "credentials": {"total_devices": "30"}, "discovery_interval": "200ms"});
-    let gw = fx.gateway(&[("agent-tick", json!({"Ticking": source}))]).await;
+    let gw = fx
+        .gateway(&[("agent-tick", json!({"Ticking": source}))])
+        .await;
     let mut gw_events = gw.subscribe();
     let agent = agent::start(fx.bootstrap("agent-tick", &gw.local_addr().to_string(), json!({})));
     let mut runs = std::collections::BTreeSet::new();
     while runs.len() < 3 {
         let run = wait_for(&mut gw_events, "scheduled run", |e| match e {
-            GatewayEvent::RunComplete { run_id, devices, .. } => {
+            GatewayEvent::RunComplete {
+                run_id, devices, ..
+            } => {
                 assert_eq!(*devices, 30);
                 Some(run_id.clone())
             }
@@ -208,7 +216,9 @@ async fn a_source_runs_again_on_its_interval() {
 #[actix_rt::test]
 async fn a_run_of_more_than_5000_chunks_is_split_into_streams() {
     let fx = Fixture::new(&["agent-split"]);
-    let gw = fx.gateway(&[("agent-split", json!({"Many": faker_source(5_200, 2)}))]).await;
+    let gw = fx
+        .gateway(&[("agent-split", json!({"Many": faker_source(5_200, 2)}))])
+        .await;
     let mut gw_events = gw.subscribe();
     let extra = json!({"gateway_policy": {"reconnect_base": "50ms", "reconnect_cap": "1s", "chunk_max_updates": 1}});
     let agent = agent::start(fx.bootstrap("agent-split", &gw.local_addr().to_string(), extra));

@@ -27,8 +27,8 @@ fn ctx() -> UpdateContext {
 /// Update `i` whose JSON is `base_len(i) + pad` bytes.
 fn update(i: usize, pad: usize) -> DeviceUpdate {
     let metadata = BTreeMap::from([
-        ("integration_type".to_owned(), "faker".to_owned()),
-        ("pad".to_owned(), "x".repeat(pad)),
+        ("integration_type".into(), "faker".to_owned()),
+        ("pad".into(), "x".repeat(pad)),
     ]);
     let ip = format!("10.{}.{}.{}", i / 65536 % 256, i / 256 % 256, i % 256);
     ctx().update(ip, Some("3C:97:0E:00:00:01".into()), None, metadata)

@@ -5,13 +5,14 @@
 //! and the in-process Faker run go through [`map_device`] /
 //! [`map_device_owned`]; only `integration_type` differs.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::device::{DeviceUpdate, UpdateContext};
+use crate::device::{DeviceUpdate, Metadata, UpdateContext};
 
 /// One device as the Armis search API returns it.
 ///
@@ -105,12 +106,15 @@ fn build(
 ) -> Mapped {
     let mut metadata = BTreeMap::new();
     if let Some(id) = dev.id {
-        metadata.insert("armis_device_id".to_owned(), id.to_string());
+        metadata.insert(Cow::Borrowed("armis_device_id"), id.to_string());
     }
-    metadata.insert("integration_type".to_owned(), integration_type.to_owned());
+    metadata.insert(
+        Cow::Borrowed("integration_type"),
+        integration_type.to_owned(),
+    );
     if let Some(all_ips) = ips.all_ips {
-        metadata.insert("all_ips".to_owned(), all_ips);
-        metadata.insert("ip_count".to_owned(), ips.count.to_string());
+        metadata.insert(Cow::Borrowed("all_ips"), all_ips);
+        metadata.insert(Cow::Borrowed("ip_count"), ips.count.to_string());
     }
     insert_non_empty(&mut metadata, "armis_type", dev.device_type);
     insert_non_empty(&mut metadata, "armis_category", dev.category);
@@ -119,7 +123,7 @@ fn build(
     insert_non_empty(&mut metadata, "operating_system", dev.operating_system);
     insert_non_empty(&mut metadata, "armis_boundaries", dev.boundaries);
     if let Some(risk) = dev.risk_level.filter(|r| *r > 0) {
-        metadata.insert("armis_risk_level".to_owned(), risk.to_string());
+        metadata.insert(Cow::Borrowed("armis_risk_level"), risk.to_string());
     }
     insert_non_empty(&mut metadata, "query_label", query_label.map(str::to_owned));
     if let Some(tags) = dev.tags {
@@ -275,9 +279,9 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 
 /// Inserts a trimmed value unless it is blank: sources.md lists these keys
 /// "when non-empty", and core would otherwise overwrite real values with "".
-fn insert_non_empty(metadata: &mut BTreeMap<String, String>, key: &str, value: Option<String>) {
+fn insert_non_empty(metadata: &mut Metadata, key: &'static str, value: Option<String>) {
     if let Some(value) = value.and_then(non_empty) {
-        metadata.insert(key.to_owned(), value);
+        metadata.insert(Cow::Borrowed(key), value);
     }
 }
 
@@ -336,7 +340,7 @@ mod tests {
         assert_eq!(u.source, "armis");
         assert_eq!(u.agent_id, "agent-edge-01");
         assert_eq!(u.sync_meta, None);
-        let expected: BTreeMap<String, String> = [
+        let expected: Metadata = [
             ("armis_device_id", "2"),
             ("integration_type", "armis"),
             ("armis_type", "Laptop"),
@@ -352,7 +356,7 @@ mod tests {
             ("last_seen", "2026-04-12T09:30:12.123456789Z"),
         ]
         .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .map(|(k, v)| (Cow::Borrowed(k), v.to_owned()))
         .collect();
         assert_eq!(u.metadata, expected);
     }
@@ -375,7 +379,7 @@ mod tests {
         let u = update(map_device(&dev, &ctx(), "armis", None, &[]));
         assert_eq!(u.mac, None);
         assert_eq!(u.hostname, None);
-        let keys: Vec<&str> = u.metadata.keys().map(String::as_str).collect();
+        let keys: Vec<&str> = u.metadata.keys().map(|k| k.as_ref()).collect();
         assert_eq!(keys, ["integration_type"]);
     }
 

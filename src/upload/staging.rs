@@ -288,7 +288,7 @@ mod tests {
             source: "faker",
             timestamp: "t".into(),
         };
-        let metadata = BTreeMap::from([("pad".to_owned(), "x".repeat(pad))]);
+        let metadata = BTreeMap::from([("pad".into(), "x".repeat(pad))]);
         ctx.update(ip.into(), None, None, metadata)
     }
 
