@@ -67,14 +67,17 @@ fn faker_range(
     Ok(counts)
 }
 
-/// Devices per batch a worker encodes before handing it to the writer.
-const STAGE_BATCH: u64 = 1024;
+/// Devices per batch a worker encodes before handing it to the writer
+/// (about 400 KiB of JSON).
+const STAGE_BATCH: u64 = 512;
 
 /// A whole Faker run staged into `writer`, generated, mapped and JSON-encoded
 /// by `workers` threads (the expensive part) while the calling thread appends
-/// their batches to the staging file in device order. Memory stays bounded:
-/// each worker has at most two encoded batches waiting. `cancelled` is polled
-/// between batches.
+/// their batches to the staging file in device order. Memory stays bounded
+/// and flat: each worker has at most two encoded batches in flight, and the
+/// writer hands emptied batches back for reuse, so their buffers are
+/// allocated once per run, not once per batch. `cancelled` is polled between
+/// batches.
 pub fn faker_stage(
     gen: &FakerGenerator,
     ctx: &UpdateContext,
@@ -87,9 +90,10 @@ pub fn faker_stage(
     let batches = total.div_ceil(STAGE_BATCH);
     let workers = workers.clamp(1, 16) as u64;
     std::thread::scope(|scope| {
-        let receivers: Vec<_> = (0..workers)
+        let channels: Vec<_> = (0..workers)
             .map(|first| {
-                let (tx, rx) = mpsc::sync_channel::<io::Result<(EncodedBatch, RunCounts)>>(2);
+                let (tx, rx) = mpsc::sync_channel::<io::Result<(EncodedBatch, RunCounts)>>(1);
+                let (recycle_tx, recycle_rx) = mpsc::channel::<EncodedBatch>();
                 scope.spawn(move || {
                     // Worker `first` takes batches first, first+workers, …
                     for k in (first..batches).step_by(workers as usize) {
@@ -97,7 +101,8 @@ pub fn faker_stage(
                             Err(io::Error::other("run cancelled"))
                         } else {
                             let range = k * STAGE_BATCH..((k + 1) * STAGE_BATCH).min(total);
-                            let mut batch = EncodedBatch::default();
+                            let mut batch = recycle_rx.try_recv().unwrap_or_default();
+                            batch.clear();
                             faker_range(gen, range, ctx, blacklist, &mut |u| batch.push(u))
                                 .map(|c| (batch, c))
                         };
@@ -108,15 +113,18 @@ pub fn faker_stage(
                         }
                     }
                 });
-                rx
+                (rx, recycle_tx)
             })
             .collect();
         let mut counts = RunCounts::default();
         for k in 0..batches {
-            let (batch, c) = receivers[(k % workers) as usize]
+            let (batches_rx, recycle_tx) = &channels[(k % workers) as usize];
+            let (batch, c) = batches_rx
                 .recv()
                 .map_err(|_| io::Error::other("a Faker worker ended before its batch"))??;
             writer.write_batch(&batch)?;
+            // A worker that has finished no longer listens; that is fine.
+            let _ = recycle_tx.send(batch);
             counts.devices += c.devices;
             counts.skipped_no_ip += c.skipped_no_ip;
             counts.blacklisted += c.blacklisted;

@@ -241,6 +241,12 @@ impl EncodedBatch {
         self.lengths.len()
     }
 
+    /// Empties the batch, keeping its buffers for reuse.
+    pub fn clear(&mut self) {
+        self.lines.clear();
+        self.lengths.clear();
+    }
+
     pub fn is_empty(&self) -> bool {
         self.lengths.is_empty()
     }
