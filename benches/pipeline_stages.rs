@@ -1,7 +1,7 @@
-//! Throughput of the agent's side of a Faker run: generate, map, stage,
-//! plan and build every chunk. Ignored by default (meaningless in debug
-//! builds); run with
-//! `cargo test --release --test faker_throughput -- --ignored --nocapture`.
+//! Throughput of each stage of the agent's side of a Faker run (generate,
+//! map + stage, plan + build every chunk), single-threaded, without the
+//! network: `cargo bench --bench pipeline_stages`. The whole pipeline over
+//! mTLS is measured by `serviceradar-agent bench` (see the README).
 
 use std::time::Instant;
 
@@ -11,9 +11,7 @@ use serviceradar_agent::sources::faker_run;
 use serviceradar_agent::upload::chunking::{plan, ChunkLimits, ChunkReader, RunIds};
 use serviceradar_agent::upload::staging::RunWriter;
 
-#[test]
-#[ignore]
-fn faker_pipeline_throughput() {
+fn main() {
     let total = 500_000u64;
     let mut gen = FakerGenerator::new(FakerSettings {
         total_devices: total,
