@@ -167,3 +167,67 @@ fn restart_storm_exits_non_zero() {
         log.join("\n")
     );
 }
+
+/// A run that finishes while the chunk uploader is being restarted is kept
+/// and delivered by the new uploader, not lost with the old one.
+#[actix_rt::test]
+async fn a_run_finished_during_an_uploader_restart_is_delivered() {
+    let fx = Fixture::new(&["agent-handover"]);
+    let gw = fx
+        .gateway(&[("agent-handover", json!({"S": faker_source(40, 1)}))])
+        .await;
+    let mut gw_events = gw.subscribe();
+    // A long restart delay keeps the uploader down while the run stages.
+    let extra = json!({"restart_policy": {"backoff_base": "2s", "backoff_cap": "4s", "max_restarts": 5, "window": "1m"}});
+    let agent = agent::start(fx.bootstrap("agent-handover", &gw.local_addr().to_string(), extra));
+    let mut events = agent.context.telemetry.subscribe();
+    wait_for(&mut gw_events, "first run", |e| {
+        matches!(e, GatewayEvent::RunComplete { .. }).then_some(())
+    })
+    .await;
+
+    let fault = InjectChildFault {
+        child: ChildId::Uploader,
+        fault: FaultKind::Stop,
+    };
+    assert!(agent.supervisor.send(fault).await.unwrap());
+    wait_for(&mut events, "uploader down", |e| match e {
+        AgentEvent::ChildFailed {
+            child: ChildId::Uploader,
+            ..
+        } => Some(()),
+        _ => None,
+    })
+    .await;
+    let integration = agent.context.peers.integration("S").unwrap();
+    integration
+        .send(serviceradar_agent::messages::RunNow)
+        .await
+        .unwrap()
+        .unwrap();
+    let staged_first = wait_for(&mut events, "staged or uploader back", |e| match e {
+        AgentEvent::RunStaged { .. } => Some(true),
+        AgentEvent::ChildStarted {
+            child: ChildId::Uploader,
+            ..
+        } => Some(false),
+        _ => None,
+    })
+    .await;
+    assert!(
+        staged_first,
+        "the run should be staged while the uploader is down"
+    );
+    let devices = wait_for(
+        &mut gw_events,
+        "run delivered by the new uploader",
+        |e| match e {
+            GatewayEvent::RunComplete { devices, .. } => Some(*devices),
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(devices, 40);
+    agent.shutdown();
+    gw.shutdown().await;
+}

@@ -150,10 +150,6 @@ impl Integration {
             duration_ms: started.elapsed().as_millis() as u64,
             ..RunReport::default()
         };
-        let Some(uploader) = self.agent.peers.uploader() else {
-            tracing::error!(source = %self.config.name, run_id, "chunk uploader unavailable; run dropped");
-            return;
-        };
         match result {
             Ok(staged) => {
                 self.faker = staged.faker;
@@ -173,28 +169,61 @@ impl Integration {
                     if let Err(e) = staged.staged.remove() {
                         tracing::warn!("cannot remove empty staged run: {e}");
                     }
-                    uploader.do_send(ReportRun(report));
+                    self.hand_over(Handover::Report(report), ctx);
                 } else {
-                    uploader.do_send(DeliverRun {
+                    let run = DeliverRun {
                         staged: staged.staged,
                         sync_service_id: self.config.sync_service_id.clone().unwrap_or_default(),
                         report,
-                    });
+                    };
+                    self.hand_over(Handover::Deliver(run), ctx);
                 }
             }
             Err(RunError::Failed(reason)) => {
                 tracing::error!(source = %self.config.name, run_id, "run failed: {reason}");
                 report.error = Some(reason);
-                uploader.do_send(ReportRun(report));
+                self.hand_over(Handover::Report(report), ctx);
             }
             Err(RunError::Panicked(reason)) => {
                 tracing::error!(source = %self.config.name, run_id, "run panicked: {reason}");
                 report.error = Some(format!("internal error (panic): {reason}"));
-                uploader.do_send(ReportRun(report));
+                self.hand_over(Handover::Report(report), ctx);
                 self.guard.panicked(reason);
                 ctx.stop();
             }
         }
+    }
+}
+
+/// A finished run on its way to the chunk uploader.
+enum Handover {
+    Deliver(DeliverRun),
+    Report(RunReport),
+}
+
+/// How long to wait before offering a run again to an uploader that is
+/// restarting (or whose mailbox is full).
+const HANDOVER_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl Integration {
+    /// Gives a finished run to the current chunk uploader. While the uploader
+    /// is being restarted its old address is dead: keep the run and offer it
+    /// again shortly, so no run is lost to an uploader restart.
+    fn hand_over(&mut self, job: Handover, ctx: &mut Context<Self>) {
+        let job = match (self.agent.peers.uploader(), job) {
+            (Some(uploader), Handover::Deliver(run)) => match uploader.try_send(run) {
+                Ok(()) => return,
+                Err(e) => Handover::Deliver(e.into_inner()),
+            },
+            (Some(uploader), Handover::Report(report)) => {
+                match uploader.try_send(ReportRun(report)) {
+                    Ok(()) => return,
+                    Err(e) => Handover::Report(e.into_inner().0),
+                }
+            }
+            (None, job) => job,
+        };
+        ctx.run_later(HANDOVER_RETRY, move |act, ctx| act.hand_over(job, ctx));
     }
 }
 
