@@ -21,6 +21,22 @@ impl AgentHandle {
     }
 }
 
+/// Keeps the agent's memory flat whatever the run size; call it first thing
+/// in an agent process, before any thread starts. Chunks (up to 1 MiB) are
+/// built on a blocking thread and freed on the actor thread; glibc raises its
+/// mmap threshold after the first such free and from then on carves these
+/// buffers out of per-thread heaps, which fragment and grow with the number
+/// of chunks. A fixed threshold keeps every large buffer in its own mapping,
+/// returned to the OS when freed (1M devices: peak RSS about 1.05× that of
+/// 100k instead of up to 1.4×; README, Benchmark).
+pub fn pin_malloc_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// Starts the supervision tree. Must be called inside an actix System.
 pub fn start(mut bootstrap: Bootstrap) -> AgentHandle {
     for warning in &bootstrap.warnings {

@@ -100,6 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let Some(path) = cli.config else {
                 anyhow::bail!("nothing to do: pass --config <agent.json> to run the agent, or a subcommand (see --help)");
             };
+            serviceradar_agent::agent::pin_malloc_mmap_threshold();
             let bootstrap = Bootstrap::load(&path)?;
             init_logging(level, bootstrap.log_level.as_deref());
             serviceradar_agent::agent::run(bootstrap)
@@ -134,6 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             bench::run(args)
         }
         Some(Command::BenchAgent(args)) => {
+            serviceradar_agent::agent::pin_malloc_mmap_threshold();
             init_logging(Some(level.unwrap_or("warn")), None);
             bench::run_agent(args)
         }
