@@ -114,20 +114,23 @@ async fn run_in_system(args: DemoArgs) -> anyhow::Result<i32> {
     let mut events = gw.subscribe();
     let agent = agent::start(bootstrap);
     let mut summary = Summary::default();
-    let first_run = tokio::time::timeout(*args.timeout, async {
-        loop {
-            match events.recv().await {
-                Ok(event) => {
-                    if summary.show(&event) && !args.follow {
-                        return true;
-                    }
-                }
-                Err(RecvError::Lagged(_)) => continue,
-                Err(RecvError::Closed) => return false,
-            }
-        }
-    })
+    // Until the first run is reported (bounded by --timeout)...
+    let first_run = tokio::time::timeout(
+        *args.timeout,
+        show_until_reported(&mut events, &mut summary),
+    )
     .await;
+    // ...then, with --follow, every later run until Ctrl-C.
+    if args.follow && matches!(first_run, Ok(true)) {
+        println!(
+            "▸ following: the source runs every {}; Ctrl-C to stop",
+            args.interval
+        );
+        tokio::select! {
+            _ = agent::wait_for_termination() => {}
+            _ = async { while show_until_reported(&mut events, &mut summary).await {} } => {}
+        }
+    }
 
     let stored = match gw.store() {
         Some(store) => store.device_count().await?,
@@ -153,6 +156,21 @@ async fn run_in_system(args: DemoArgs) -> anyhow::Result<i32> {
     gw.shutdown().await;
     actix_rt::System::current().stop();
     Ok(if ok && stored == args.devices { 0 } else { 1 })
+}
+
+/// Prints gateway events until a run report arrives (true) or the event
+/// stream ends (false).
+async fn show_until_reported(
+    events: &mut tokio::sync::broadcast::Receiver<GatewayEvent>,
+    summary: &mut Summary,
+) -> bool {
+    loop {
+        match events.recv().await {
+            Ok(event) if summary.show(&event) => return true,
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return false,
+        }
+    }
 }
 
 /// Clears what a previous demo left, keeping nothing but the folder.
