@@ -243,3 +243,71 @@ pub fn create_dev_pki(
     }
     Ok(layout)
 }
+
+#[cfg(test)]
+mod tests {
+    use rustls::pki_types::pem::PemObject;
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+    use super::*;
+
+    #[test]
+    fn agent_certificates_carry_the_cn_and_spiffe_san_the_gateway_reads() {
+        let ca = DevCa::generate("test CA").unwrap();
+        let (pem, _key) = ca.issue_agent("edge-01", "site-a").unwrap();
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap();
+        assert_eq!(cn, "edge-01.site-a.serviceradar");
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        let uris: Vec<_> = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(uris, ["spiffe://serviceradar.local/agent/site-a/edge-01"]);
+    }
+
+    #[test]
+    fn names_with_dots_are_refused() {
+        let ca = DevCa::generate("test CA").unwrap();
+        assert!(matches!(
+            ca.issue_agent("edge.01", "default"),
+            Err(PkiError::Name(_))
+        ));
+        assert!(matches!(
+            ca.issue_agent("edge-01", ""),
+            Err(PkiError::Name(_))
+        ));
+    }
+
+    #[test]
+    fn an_existing_ca_is_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = create_dev_pki(
+            dir.path(),
+            &["localhost".into()],
+            &[("a".into(), "default".into())],
+        )
+        .unwrap();
+        let ca_pem = std::fs::read(first.ca_cert()).unwrap();
+        let second = create_dev_pki(
+            dir.path(),
+            &["localhost".into()],
+            &[("b".into(), "default".into())],
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(second.ca_cert()).unwrap(), ca_pem);
+        assert!(second.agent("a").cert_file.exists() && second.agent("b").cert_file.exists());
+    }
+}
