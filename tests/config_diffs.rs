@@ -27,16 +27,30 @@ async fn sources(agent: &AgentHandle) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// Pushes new sources and waits until the agent has applied them.
-async fn push(gw: &GatewayHandle, agent: &AgentHandle, sources: Value) {
+/// The expected running sources and their generations.
+fn running(sources: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    sources
+        .iter()
+        .map(|(name, generation)| (name.to_string(), *generation))
+        .collect()
+}
+
+/// Pushes new sources, waits until the agent has applied them, and returns
+/// the integration actors then running.
+async fn push(
+    gw: &GatewayHandle,
+    agent: &AgentHandle,
+    new_sources: Value,
+) -> BTreeMap<String, u64> {
     let mut gw_events = gw.subscribe();
-    gw.set_agent_sources("agent-cfg", sources.as_object().unwrap().clone());
+    gw.set_agent_sources("agent-cfg", new_sources.as_object().unwrap().clone());
     let version = wait_for(&mut gw_events, "config ack", |e| match e {
         GatewayEvent::ConfigAcked { version, .. } => Some(version.clone()),
         _ => None,
     })
     .await;
     assert_eq!(agent.context.applied_config_version(), version);
+    sources(agent).await
 }
 
 #[actix_rt::test]
@@ -56,48 +70,34 @@ async fn only_affected_sources_restart() {
         matches!(e, GatewayEvent::ConfigAcked { .. }).then_some(())
     })
     .await;
-    let initial = sources(&agent).await;
     assert_eq!(
-        initial,
-        BTreeMap::from([("A".into(), 1), ("B".into(), 1), ("C".into(), 1)])
+        sources(&agent).await,
+        running(&[("A", 1), ("B", 1), ("C", 1)])
     );
 
     // Change B only (seed), and reorder keys of A (same content ⇒ same hash).
     let a_reordered = json!({"sync_service_id": a["sync_service_id"], "discovery_interval": "1h",
         "credentials": {"seed": "1", "total_devices": "20"}, "type": "faker"});
-    push(
-        &gw,
-        &agent,
-        json!({"A": a_reordered, "B": faker_source(20, 22), "C": c}),
-    )
-    .await;
+    let b2 = faker_source(20, 22);
+    let d = faker_source(20, 4);
+    let next = json!({"A": a_reordered, "B": b2, "C": c});
     assert_eq!(
-        sources(&agent).await,
-        BTreeMap::from([("A".into(), 1), ("B".into(), 2), ("C".into(), 1)])
+        push(&gw, &agent, next).await,
+        running(&[("A", 1), ("B", 2), ("C", 1)])
     );
 
     // Remove C, add D.
-    push(
-        &gw,
-        &agent,
-        json!({"A": a, "B": faker_source(20, 22), "D": faker_source(20, 4)}),
-    )
-    .await;
+    let next = json!({"A": a, "B": b2, "D": d});
     assert_eq!(
-        sources(&agent).await,
-        BTreeMap::from([("A".into(), 1), ("B".into(), 2), ("D".into(), 1)])
+        push(&gw, &agent, next).await,
+        running(&[("A", 1), ("B", 2), ("D", 1)])
     );
 
     // Break A (unsupported type): it stops and is reported; the others run on.
-    push(
-        &gw,
-        &agent,
-        json!({"A": {"type": "snmp"}, "B": faker_source(20, 22), "D": faker_source(20, 4)}),
-    )
-    .await;
+    let next = json!({"A": {"type": "snmp"}, "B": b2, "D": d});
     assert_eq!(
-        sources(&agent).await,
-        BTreeMap::from([("B".into(), 2), ("D".into(), 1)])
+        push(&gw, &agent, next).await,
+        running(&[("B", 2), ("D", 1)])
     );
     let reason = wait_for(&mut events, "SourceInvalid", |e| match e {
         AgentEvent::SourceInvalid { name, reason } if name == "A" => Some(reason.clone()),
@@ -113,20 +113,14 @@ async fn only_affected_sources_restart() {
     assert!(report_error.contains("unsupported"), "{report_error}");
 
     // Fix A again: it starts; B and D untouched.
-    push(
-        &gw,
-        &agent,
-        json!({"A": a, "B": faker_source(20, 22), "D": faker_source(20, 4)}),
-    )
-    .await;
+    let next = json!({"A": a, "B": b2, "D": d});
     assert_eq!(
-        sources(&agent).await,
-        BTreeMap::from([("A".into(), 1), ("B".into(), 2), ("D".into(), 1)])
+        push(&gw, &agent, next).await,
+        running(&[("A", 1), ("B", 2), ("D", 1)])
     );
 
     // No sources at all: everything stops, the core children stay.
-    push(&gw, &agent, json!({})).await;
-    assert!(sources(&agent).await.is_empty());
+    assert!(push(&gw, &agent, json!({})).await.is_empty());
     let children = agent.supervisor.send(GetChildren).await.unwrap();
     for core in [ChildId::Gateway, ChildId::Config, ChildId::Uploader] {
         assert_eq!(
