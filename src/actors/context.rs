@@ -180,6 +180,20 @@ impl AgentContext {
         self.session.borrow().clone()
     }
 
+    /// The identity fields this agent stamps on every chunk and status.
+    pub fn envelope(&self, session: &GatewaySession) -> crate::upload::envelope::EnvelopeFields {
+        crate::upload::envelope::EnvelopeFields {
+            agent_id: self.bootstrap.agent_id.clone(),
+            gateway_id: session.gateway_id.clone(),
+            partition: self.bootstrap.partition.clone(),
+            source_ip: self.host.source_ip.clone(),
+            version: crate::VERSION.to_owned(),
+            hostname: self.host.hostname.clone(),
+            os: self.host.os.clone(),
+            arch: self.host.arch.clone(),
+        }
+    }
+
     /// Tells the connection actor that an RPC failed (it decides what to do).
     pub fn report_rpc_failure(&self, rpc: &'static str, status: &tonic::Status) {
         if let Some(gw) = self.peers.gateway() {

@@ -22,7 +22,7 @@ use crate::clock::unix_nanos;
 use crate::config::bootstrap::Security;
 use crate::messages::{FetchConfigNow, RpcFailed, SetHeartbeatInterval};
 use crate::proto::agent_gateway_service_client::AgentGatewayServiceClient;
-use crate::proto::{AgentHelloRequest, GatewayStatusRequest};
+use crate::proto::AgentHelloRequest;
 use crate::tls::{self, MtlsConnector};
 
 /// Largest message we accept from or send to the gateway (its limit is 15 MiB).
@@ -307,31 +307,13 @@ async fn push_heartbeat(
     session: &GatewaySession,
 ) -> Result<(), tonic::Status> {
     let mut client = session.client.clone();
-    let mut req = tonic::Request::new(status_request(agent, session, Vec::new()));
+    let mut req = tonic::Request::new(
+        agent
+            .envelope(session)
+            .status_request(Vec::new(), unix_nanos()),
+    );
     req.set_timeout(agent.bootstrap.gateway.rpc_timeout);
     client.push_status(req).await.map(|_| ())
-}
-
-/// A PushStatus request from this agent (empty services = pure heartbeat).
-pub fn status_request(
-    agent: &AgentContext,
-    session: &GatewaySession,
-    services: Vec<crate::proto::GatewayServiceStatus>,
-) -> GatewayStatusRequest {
-    let b = &agent.bootstrap;
-    GatewayStatusRequest {
-        services,
-        gateway_id: session.gateway_id.clone(),
-        agent_id: b.agent_id.clone(),
-        timestamp: unix_nanos(),
-        partition: b.partition.clone(),
-        source_ip: agent.host.source_ip.clone(),
-        version: crate::VERSION.to_owned(),
-        hostname: agent.host.hostname.clone(),
-        os: agent.host.os.clone(),
-        arch: agent.host.arch.clone(),
-        ..Default::default()
-    }
 }
 
 impl Actor for GatewayConnection {

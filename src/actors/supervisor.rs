@@ -126,6 +126,20 @@ struct Slot {
     pending_restart: Option<SpawnHandle>,
 }
 
+impl Slot {
+    /// Ends the current incarnation on purpose: no pending restart, and a
+    /// running source is told to stop (its exit report is then ignored, as
+    /// the caller removes or replaces the slot).
+    fn halt(&mut self, ctx: &mut Context<Supervisor>) {
+        if let Some(handle) = self.pending_restart.take() {
+            ctx.cancel_future(handle);
+        }
+        if let Some(Running::Source(addr)) = self.running.take() {
+            addr.do_send(StopSource);
+        }
+    }
+}
+
 /// The root of the agent's actor tree.
 pub struct Supervisor {
     ctx: Arc<AgentContext>,
@@ -209,13 +223,8 @@ impl Supervisor {
 
     /// Removes a child for good (its source vanished or became invalid).
     fn remove_child(&mut self, id: &ChildId, ctx: &mut Context<Self>) {
-        if let Some(slot) = self.slots.remove(id) {
-            if let Some(handle) = slot.pending_restart {
-                ctx.cancel_future(handle);
-            }
-            if let Some(Running::Source(addr)) = slot.running {
-                addr.do_send(StopSource);
-            }
+        if let Some(mut slot) = self.slots.remove(id) {
+            slot.halt(ctx);
             if let ChildId::Source(name) = id {
                 self.ctx.peers.set_integration(name, None);
                 self.ctx
@@ -231,12 +240,7 @@ impl Supervisor {
         let Some(slot) = self.slots.get_mut(id) else {
             return;
         };
-        if let Some(handle) = slot.pending_restart.take() {
-            ctx.cancel_future(handle);
-        }
-        if let Some(Running::Source(addr)) = slot.running.take() {
-            addr.do_send(StopSource);
-        }
+        slot.halt(ctx);
         slot.spec = ChildSpec::Source(config);
         slot.recent_restarts.clear();
         self.start_child(id, ctx);

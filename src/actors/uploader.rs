@@ -24,14 +24,14 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::context::{AgentContext, GatewaySession};
-use super::gateway_connection::{is_transport_failure, status_request};
+use super::gateway_connection::is_transport_failure;
 use super::supervisor::ChildGuard;
 use super::telemetry::AgentEvent;
-use crate::clock::unix_secs;
+use crate::clock::{unix_nanos, unix_secs};
 use crate::messages::{DeliverRun, ReportRun};
 use crate::proto::GatewayStatusChunk;
 use crate::upload::chunking::{plan, ChunkLimits, ChunkReader, RunIds};
-use crate::upload::envelope::{EnvelopeFields, RunReport};
+use crate::upload::envelope::RunReport;
 
 enum Job {
     Deliver(DeliverRun),
@@ -168,7 +168,7 @@ async fn send_run(
     };
     let streams = chunk_plan.streams(&limits);
     let total_chunks = chunk_plan.chunks.len() as u32;
-    let fields = envelope_fields(agent, session);
+    let fields = agent.envelope(session);
 
     // The producer reads chunks on the blocking pool and hands each stream
     // its own bounded channel.
@@ -225,27 +225,13 @@ async fn send_run(
     Ok(total_chunks)
 }
 
-fn envelope_fields(agent: &AgentContext, session: &GatewaySession) -> EnvelopeFields {
-    EnvelopeFields {
-        agent_id: agent.bootstrap.agent_id.clone(),
-        gateway_id: session.gateway_id.clone(),
-        partition: agent.bootstrap.partition.clone(),
-        source_ip: agent.host.source_ip.clone(),
-        version: crate::VERSION.to_owned(),
-        hostname: agent.host.hostname.clone(),
-        os: agent.host.os.clone(),
-        arch: agent.host.arch.clone(),
-    }
-}
-
 /// Pushes a run report (wire.md §6), retrying while the gateway is away.
 async fn push_report(agent: &AgentContext, report: &RunReport) {
     let mut backoff = retry_backoff(agent);
     for _ in 0..agent.bootstrap.gateway.upload_attempts.max(1) * 4 {
         let session = agent.wait_for_session().await;
-        let fields = envelope_fields(agent, &session);
-        let service = fields.run_report(report, 0).services;
-        let mut req = tonic::Request::new(status_request(agent, &session, service));
+        let mut req =
+            tonic::Request::new(agent.envelope(&session).run_report(report, unix_nanos()));
         req.set_timeout(agent.bootstrap.gateway.rpc_timeout);
         let mut client = session.client.clone();
         match client.push_status(req).await {

@@ -69,8 +69,21 @@ impl EnvelopeFields {
     pub fn run_report(&self, report: &RunReport, timestamp_nanos: i64) -> GatewayStatusRequest {
         let name = service_name(&report.source);
         let message = report.to_json_within(MAX_REPORT_BYTES);
+        self.status_request(
+            vec![self.service(name, "status", report.ok, message)],
+            timestamp_nanos,
+        )
+    }
+
+    /// A PushStatus request from this agent; no services makes it a pure
+    /// heartbeat.
+    pub fn status_request(
+        &self,
+        services: Vec<GatewayServiceStatus>,
+        timestamp_nanos: i64,
+    ) -> GatewayStatusRequest {
         GatewayStatusRequest {
-            services: vec![self.service(name, "status", report.ok, message)],
+            services,
             gateway_id: self.gateway_id.clone(),
             agent_id: self.agent_id.clone(),
             timestamp: timestamp_nanos,
