@@ -1,9 +1,14 @@
 //! `serviceradar-agent bench`: Faker devices through the agent pipeline
-//! (generate → stage on disk → chunk → StreamStatus over mTLS) to a loopback
-//! gateway that only validates and acknowledges.
+//! (generate or download → stage on disk → chunk → StreamStatus over mTLS)
+//! to a loopback gateway that only validates and acknowledges.
 //!
-//! The gateway runs in this process; the agent runs in a child process
-//! (`bench-agent`) so its peak RSS is measured alone.
+//! Two sources: `faker` generates in the agent; `armis-http` has an `armis`
+//! source download the devices from the Faker server over HTTP (pages of
+//! 5000), and first times a plain HTTP client downloading the same pages,
+//! so the agent's time is reported as a ratio to a bare download.
+//!
+//! The gateway (and the Faker server) run in this process; the agent runs
+//! in a child process (`bench-agent`) so its peak RSS is measured alone.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,6 +23,8 @@ use serde_json::json;
 use crate::actors::telemetry::AgentEvent;
 use crate::config::bootstrap::Bootstrap;
 use crate::gateway::{self, AgentSources, GatewayConfig};
+use crate::sources::faker::server::{FakerServer, FakerServerConfig};
+use crate::sources::faker::FakerSettings;
 use crate::{agent, pki};
 
 const AGENT_ID: &str = "bench-agent";
@@ -30,7 +37,23 @@ pub struct BenchArgs {
     /// Working directory (PKI, staging).
     #[arg(long, default_value = "bench-state")]
     pub state_dir: PathBuf,
+    /// Where the devices come from.
+    #[arg(long, value_enum, default_value = "faker")]
+    pub source: BenchSource,
 }
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchSource {
+    /// The in-process `faker` source.
+    Faker,
+    /// An `armis` source downloading from the Faker server over HTTP.
+    ArmisHttp,
+}
+
+/// Page size of the `armis-http` benchmark (the figure).
+const HTTP_PAGE: u64 = 5000;
+const FAKER_KEY: &str = "bench-key";
+const FAKER_SECRET: &str = "bench-secret";
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchAgentArgs {
@@ -65,17 +88,51 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<i32> {
         &[(AGENT_ID.to_owned(), "default".to_owned())],
     )?;
     let exe = std::env::current_exe()?;
+    let http = args.source == BenchSource::ArmisHttp;
     println!(
-        "{:>10}  {:>8}  {:>10}  {:>10}  {:>12}  {:>14}",
-        "devices", "chunks", "seconds", "(staging)", "devices/s", "agent peak RSS"
+        "{:>10}  {:>8}  {:>10}  {:>10}  {:>12}  {:>14}{}",
+        "devices",
+        "chunks",
+        "seconds",
+        "(staging)",
+        "devices/s",
+        "agent peak RSS",
+        if http { "   plain download   agent/plain (staging/plain)" } else { "" }
     );
     let mut results = Vec::new();
     for &n in &args.devices {
         let mut sources = serde_json::Map::new();
-        sources.insert(
-            "Bench Faker".to_owned(),
-            json!({"type": "faker", "credentials": {"total_devices": n.to_string(), "seed": "1"}, "discovery_interval": "24h"}),
-        );
+        let mut faker_server = None;
+        let mut plain_seconds = 0.0;
+        if http {
+            let server = FakerServer::start(FakerServerConfig {
+                listen: "127.0.0.1:0".parse()?,
+                settings: FakerSettings {
+                    total_devices: n,
+                    seed: 1,
+                    churn_percent: 0.0,
+                },
+                max_page: HTTP_PAGE as u32,
+                churn_interval: None,
+                token_ttl: std::time::Duration::from_secs(3600),
+                api_key: Some(FAKER_KEY.to_owned()),
+                api_secret: Some(FAKER_SECRET.to_owned()),
+            })
+            .await?;
+            plain_seconds = plain_download(&server.url(), n).await?;
+            sources.insert(
+                "Bench Armis".to_owned(),
+                json!({"type": "armis", "endpoint": server.url(), "discovery_interval": "24h",
+                    "credentials": {"api_key": FAKER_KEY, "api_secret": FAKER_SECRET,
+                        "page_size": HTTP_PAGE.to_string()}}),
+            );
+            faker_server = Some(server);
+        } else {
+            sources.insert(
+                "Bench Faker".to_owned(),
+                json!({"type": "faker", "credentials": {"total_devices": n.to_string(), "seed": "1"}, "discovery_interval": "24h"}),
+            );
+        }
         let gw = gateway::start(GatewayConfig {
             listen: "127.0.0.1:0".to_owned(),
             gateway_id: "bench-gateway".to_owned(),
@@ -122,20 +179,34 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<i32> {
         })?;
         let received = gw.stats().devices_received;
         gw.shutdown().await;
+        if let Some(server) = faker_server {
+            server.shutdown().await;
+        }
         if m.devices != n || received != n {
             bail!(
                 "expected {n} devices, agent delivered {} and gateway validated {received}",
                 m.devices
             );
         }
+        let ratios = if http {
+            format!(
+                "   {:>12.2} s   {:>6.2} ({:.2})",
+                plain_seconds,
+                m.run_seconds / plain_seconds,
+                m.stage_seconds / plain_seconds
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "{:>10}  {:>8}  {:>10.2}  {:>10.2}  {:>12.0}  {:>10} MiB",
+            "{:>10}  {:>8}  {:>10.2}  {:>10.2}  {:>12.0}  {:>10} MiB{}",
             n,
             m.chunks,
             m.run_seconds,
             m.stage_seconds,
             n as f64 / m.run_seconds,
-            m.peak_rss_kib / 1024
+            m.peak_rss_kib / 1024,
+            ratios
         );
         results.push(m);
         let _ = std::fs::remove_dir_all(&agent_dir);
@@ -149,6 +220,45 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// Seconds a plain HTTP client takes to download the same pages the agent
+/// will: one token, then every search page of [`HTTP_PAGE`] devices, bodies
+/// read in full and dropped (no parsing).
+async fn plain_download(base: &str, devices: u64) -> anyhow::Result<f64> {
+    crate::tls::install_crypto_provider();
+    let client = reqwest::Client::builder().build()?;
+    let started = Instant::now();
+    let token: serde_json::Value = serde_json::from_slice(
+        &client
+            .post(format!("{base}/api/v1/access_token/"))
+            .header("content-type", "application/json")
+            .body(json!({"api_key": FAKER_KEY, "api_secret": FAKER_SECRET}).to_string())
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?,
+    )?;
+    let token = token["data"]["access_token"]
+        .as_str()
+        .context("the Faker server sent no token")?
+        .to_owned();
+    let mut bytes = 0;
+    for from in (0..devices).step_by(HTTP_PAGE as usize) {
+        bytes += client
+            .get(format!("{base}/api/v1/search/?from={from}&length={HTTP_PAGE}"))
+            .header("authorization", format!("Bearer {token}"))
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?
+            .len();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(bytes, seconds, "plain download");
+    Ok(seconds)
 }
 
 /// The agent side: start the agent, wait for the first delivered run, print

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use serviceradar_agent::config::bootstrap::Bootstrap;
+use serviceradar_agent::sources::faker::server as faker_server;
 use serviceradar_agent::{bench, check, demo, gateway, pki, tls};
 
 #[derive(Parser)]
@@ -14,7 +15,7 @@ use serviceradar_agent::{bench, check, demo, gateway, pki, tls};
     name = "serviceradar-agent",
     version,
     about = "Edge discovery agent for ServiceRadar: enrols with an agent-gateway over mTLS, runs the integration sources it is assigned and streams discovered devices back.",
-    after_help = "Examples:\n  serviceradar-agent --config /etc/serviceradar/agent.json   run the agent\n  serviceradar-agent demo                                     gateway + agent + 10,000 Faker devices on loopback\n  serviceradar-agent certs --out certs --agent agent-edge-01  dev PKI\n  serviceradar-agent check-config agent.json                  validate a bootstrap file and its certificates"
+    after_help = "Examples:\n  serviceradar-agent --config /etc/serviceradar/agent.json   run the agent\n  serviceradar-agent demo                                     gateway + agent + 10,000 Faker devices on loopback\n  serviceradar-agent certs --out certs --agent agent-edge-01  dev PKI\n  serviceradar-agent check-config agent.json                  validate a bootstrap file and its certificates\n  serviceradar-agent faker --devices 100000                   a fake Armis API on http://127.0.0.1:8080"
 )]
 struct Cli {
     /// Bootstrap file (agent.json, the onboarding bundle's format). Runs the agent.
@@ -48,6 +49,8 @@ enum Command {
     },
     /// Benchmark the agent pipeline against a validate-only loopback gateway.
     Bench(bench::BenchArgs),
+    /// Serve the Armis API from the deterministic Faker generator.
+    Faker(faker_server::FakerArgs),
     /// Internal: the agent side of one benchmark run (spawned by `bench`).
     #[command(hide = true)]
     BenchAgent(bench::BenchAgentArgs),
@@ -133,6 +136,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Some(Command::Bench(args)) => {
             init_logging(Some(level.unwrap_or("warn")), None);
             bench::run(args)
+        }
+        Some(Command::Faker(args)) => {
+            init_logging(level, None);
+            faker_server::run_from_cli(args)?;
+            Ok(0)
         }
         Some(Command::BenchAgent(args)) => {
             serviceradar_agent::agent::pin_malloc_mmap_threshold();

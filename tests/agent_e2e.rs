@@ -4,45 +4,13 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use common::*;
 use serde_json::json;
 use serviceradar_agent::actors::telemetry::AgentEvent;
 use serviceradar_agent::agent;
 use serviceradar_agent::gateway::GatewayEvent;
-use serviceradar_agent::sources::faker::{FakerGenerator, FakerSettings};
-
-fn expected_devices(
-    total: u64,
-    seed: u64,
-) -> BTreeSet<(String, String, Option<String>, Option<String>)> {
-    let creds = BTreeMap::from([
-        ("total_devices".to_string(), total.to_string()),
-        ("seed".to_string(), seed.to_string()),
-    ]);
-    let mut generator = FakerGenerator::new(FakerSettings::from_credentials(&creds).unwrap());
-    generator.next_run();
-    generator
-        .devices()
-        .map(|d| {
-            (
-                d.id.unwrap().to_string(),
-                d.ip_address.clone().unwrap(),
-                d.mac_address.clone(),
-                d.name.clone(),
-            )
-        })
-        .map(|(id, ip, mac, name)| {
-            (
-                id,
-                ip,
-                mac.map(|m| m.split(',').next().unwrap().to_uppercase()),
-                name,
-            )
-        })
-        .collect()
-}
 
 #[actix_rt::test]
 async fn agent_enrols_and_delivers_exactly_the_generated_devices() {

@@ -238,7 +238,8 @@ fn faker_run_maps_counts_and_feeds_the_pipeline() {
         RunCounts {
             devices: 5_000 - 254,
             skipped_no_ip: 0,
-            blacklisted: 254
+            blacklisted: 254,
+            ..RunCounts::default()
         }
     );
     assert_eq!(seen, counts.devices);

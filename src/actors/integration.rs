@@ -4,9 +4,10 @@
 //! file (memory does not grow with the inventory) and hands the staged run to
 //! the chunk uploader.
 //!
-//! The fetch-and-stage work is blocking (generation, JSON encoding, file
-//! writes), so it runs on tokio's blocking pool, never on the actor's thread.
-//! A panic there comes back as a `JoinError`: the run is reported failed and
+//! What a run does is the source's [`SourceRunner`]: HTTP sources download
+//! on the actor's thread (async) and parse, map and stage on a blocking
+//! thread; the Faker source generates on the blocking pool. A panic there
+//! comes back as [`FetchError::Panicked`]: the run is reported failed and
 //! the actor stops with a panic reason, so the supervisor restarts it with
 //! backoff.
 
@@ -17,51 +18,42 @@ use std::time::Instant;
 use actix::prelude::*;
 
 use super::context::AgentContext;
-use super::supervisor::{panic_message, ChildGuard};
+use super::supervisor::ChildGuard;
 use super::telemetry::AgentEvent;
-use crate::config::sources::{SourceConfig, SourceKind};
+use crate::config::sources::SourceConfig;
 use crate::device::{now_rfc3339, UpdateContext};
 use crate::messages::{DeliverRun, ReportRun, RunNow, StopSource};
-use crate::sources::faker::{FakerGenerator, FakerSettings};
-use crate::sources::{faker_stage, RunCounts};
+use crate::sources::http::FetchError;
+use crate::sources::runner::{RunFailure, RunJob, RunOutcome, SourceRunner};
 use crate::upload::envelope::RunReport;
-use crate::upload::staging::{RunWriter, StagedRun};
+use crate::upload::staging::RunWriter;
 
 pub struct Integration {
     agent: Arc<AgentContext>,
     guard: ChildGuard,
     config: SourceConfig,
+    /// The source's client (pooled connections, cached token) or generator;
+    /// an error when the configuration cannot be used, reported by every run.
+    runner: Result<SourceRunner, String>,
     running: bool,
     /// Set to abandon the current run (deadline passed, source stopped).
     cancel: Arc<AtomicBool>,
-    /// The Faker generator keeps its churn state between runs.
-    faker: Option<FakerGenerator>,
-}
-
-/// What a finished fetch-and-stage produced.
-struct Staged {
-    staged: StagedRun,
-    counts: RunCounts,
-    faker: Option<FakerGenerator>,
-}
-
-#[derive(Debug)]
-enum RunError {
-    /// The source failed (config, API, staging I/O): report and carry on.
-    Failed(String),
-    /// The run's work panicked: report, then stop the actor.
-    Panicked(String),
 }
 
 impl Integration {
     pub fn new(agent: Arc<AgentContext>, guard: ChildGuard, config: SourceConfig) -> Self {
+        let runner = SourceRunner::new(&config, &agent.bootstrap.source_http)
+            .map_err(|e| format!("source {:?}: {e}", config.name));
+        if let Err(reason) = &runner {
+            tracing::error!("{reason}");
+        }
         Self {
             agent,
             guard,
             config,
+            runner,
             running: false,
             cancel: Arc::default(),
-            faker: None,
         }
     }
 
@@ -80,13 +72,16 @@ impl Integration {
         let started = Instant::now();
         let agent = self.agent.clone();
         let config = self.config.clone();
-        let faker = self.faker.take();
+        let runner = self.runner.clone();
         let cancel = self.cancel.clone();
         let deadline = agent.bootstrap.gateway.run_deadline;
         let work = {
             let run_id = run_id.clone();
             let cancel = cancel.clone();
             async move {
+                let runner = runner.map_err(|reason| {
+                    RunFailure::new(FetchError::Config(reason), Default::default())
+                })?;
                 let gateway_id = match &config.gateway_id {
                     Some(id) => id.clone(),
                     None => agent.wait_for_session().await.gateway_id,
@@ -105,16 +100,19 @@ impl Integration {
                     timestamp: now_rfc3339(),
                 };
                 let dir = agent.staging_dir();
-                let handle = tokio::task::spawn_blocking(move || {
-                    fetch_and_stage(&config, faker, &update_ctx, &dir, &run_id, &cancel)
-                });
-                match handle.await {
-                    Ok(result) => result,
-                    Err(e) if e.is_panic() => {
-                        Err(RunError::Panicked(panic_message(&*e.into_panic())))
-                    }
-                    Err(e) => Err(RunError::Failed(format!("run task ended: {e}"))),
-                }
+                let writer = RunWriter::create(&dir, &run_id).map_err(|e| {
+                    RunFailure::from(FetchError::Staging(std::io::Error::new(
+                        e.kind(),
+                        format!("creating run {run_id} in {}: {e}", dir.display()),
+                    )))
+                })?;
+                let job = RunJob {
+                    update_ctx,
+                    blacklist: config.network_blacklist.clone(),
+                    writer,
+                    cancel,
+                };
+                runner.run(job, dir).await
             }
         };
         ctx.spawn(
@@ -123,9 +121,8 @@ impl Integration {
                     .await
                     .unwrap_or_else(|_| {
                         cancel.store(true, Ordering::Relaxed);
-                        Err(RunError::Failed(format!(
-                            "run deadline of {} exceeded",
-                            humantime::format_duration(deadline)
+                        Err(RunFailure::from(FetchError::Deadline(
+                            humantime::format_duration(deadline),
                         )))
                     })
             }
@@ -139,7 +136,7 @@ impl Integration {
         &mut self,
         run_id: String,
         started: Instant,
-        result: Result<Staged, RunError>,
+        result: Result<RunOutcome, RunFailure>,
         ctx: &mut Context<Self>,
     ) {
         self.running = false;
@@ -151,45 +148,57 @@ impl Integration {
             ..RunReport::default()
         };
         match result {
-            Ok(staged) => {
-                self.faker = staged.faker;
+            Ok(outcome) => {
+                if let Ok(runner) = self.runner.as_mut() {
+                    runner.keep(outcome.faker);
+                }
+                let output = outcome.output;
+                let counts = output.counts;
                 report.ok = true;
-                report.device_count = staged.counts.devices;
-                report.skipped_no_ip = staged.counts.skipped_no_ip;
-                report.blacklisted = staged.counts.blacklisted;
-                tracing::info!(source = %self.config.name, run_id, devices = staged.counts.devices,
-                    skipped_no_ip = staged.counts.skipped_no_ip, blacklisted = staged.counts.blacklisted, "run staged");
+                report.set_counts(&counts);
+                report.warning = output.first_invalid.map(|first| {
+                    format!("{} device objects skipped as unreadable; first: {first}", counts.skipped_invalid)
+                });
+                tracing::info!(source = %self.config.name, run_id, devices = counts.devices,
+                    skipped_no_ip = counts.skipped_no_ip, blacklisted = counts.blacklisted,
+                    duplicates = counts.skipped_duplicate, invalid = counts.skipped_invalid,
+                    pages = counts.pages, retries = counts.retries, "run staged");
                 self.agent.telemetry.emit(AgentEvent::RunStaged {
                     source: self.config.name.clone(),
                     run_id,
-                    devices: staged.counts.devices,
+                    devices: counts.devices,
                 });
-                if staged.staged.device_count == 0 {
+                if output.staged.device_count == 0 {
                     // Nothing to stream (wire.md §6), but the run is reported.
-                    if let Err(e) = staged.staged.remove() {
+                    if let Err(e) = output.staged.remove() {
                         tracing::warn!("cannot remove empty staged run: {e}");
                     }
                     self.hand_over(Handover::Report(report), ctx);
                 } else {
                     let run = DeliverRun {
-                        staged: staged.staged,
+                        staged: output.staged,
                         sync_service_id: self.config.sync_service_id.clone().unwrap_or_default(),
                         report,
                     };
                     self.hand_over(Handover::Deliver(run), ctx);
                 }
             }
-            Err(RunError::Failed(reason)) => {
-                tracing::error!(source = %self.config.name, run_id, "run failed: {reason}");
-                report.error = Some(reason);
+            Err(RunFailure { error, counts }) => {
+                report.set_counts(&counts);
+                report.error_kind = Some(error.kind().to_owned());
+                let panicked = matches!(error, FetchError::Panicked(_));
+                let reason = format!("source {:?}: {error}", self.config.name);
+                if panicked {
+                    tracing::error!(source = %self.config.name, run_id, "run panicked: {error}");
+                } else {
+                    tracing::error!(source = %self.config.name, run_id, kind = error.kind(), "run failed: {error}");
+                }
+                report.error = Some(reason.clone());
                 self.hand_over(Handover::Report(report), ctx);
-            }
-            Err(RunError::Panicked(reason)) => {
-                tracing::error!(source = %self.config.name, run_id, "run panicked: {reason}");
-                report.error = Some(format!("internal error (panic): {reason}"));
-                self.hand_over(Handover::Report(report), ctx);
-                self.guard.panicked(reason);
-                ctx.stop();
+                if panicked {
+                    self.guard.panicked(reason);
+                    ctx.stop();
+                }
             }
         }
     }
@@ -224,60 +233,6 @@ impl Integration {
             (None, job) => job,
         };
         ctx.run_later(HANDOVER_RETRY, move |act, ctx| act.hand_over(job, ctx));
-    }
-}
-
-/// The blocking part of a run: generate or fetch devices and stage them.
-fn fetch_and_stage(
-    config: &SourceConfig,
-    faker: Option<FakerGenerator>,
-    update_ctx: &UpdateContext,
-    dir: &std::path::Path,
-    run_id: &str,
-    cancel: &AtomicBool,
-) -> Result<Staged, RunError> {
-    match config.kind {
-        SourceKind::Faker => {
-            let mut generator = match faker {
-                Some(g) => g,
-                None => FakerSettings::from_credentials(&config.credentials.0)
-                    .map(FakerGenerator::new)
-                    .map_err(|e| RunError::Failed(format!("source {:?}: {e}", config.name)))?,
-            };
-            generator.next_run();
-            let io = |e: std::io::Error| {
-                RunError::Failed(format!("staging run {run_id} in {}: {e}", dir.display()))
-            };
-            let mut writer = RunWriter::create(dir, run_id).map_err(io)?;
-            let workers = std::thread::available_parallelism().map_or(1, usize::from);
-            let staged = faker_stage(
-                &generator,
-                update_ctx,
-                &config.network_blacklist,
-                &mut writer,
-                workers,
-                &|| cancel.load(Ordering::Relaxed),
-            );
-            let counts = match staged {
-                Ok(counts) => counts,
-                Err(e) => {
-                    // A half-staged run is never delivered: remove it.
-                    let _ = writer.discard();
-                    return Err(io(e));
-                }
-            };
-            let staged = writer.finish().map_err(io)?;
-            Ok(Staged {
-                staged,
-                counts,
-                faker: Some(generator),
-            })
-        }
-        SourceKind::Armis | SourceKind::Netbox => Err(RunError::Failed(format!(
-            "source {:?}: the {} integration is not available in this build yet",
-            config.name,
-            config.kind.as_str()
-        ))),
     }
 }
 

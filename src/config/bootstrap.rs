@@ -94,6 +94,42 @@ impl Default for GatewayPolicy {
     }
 }
 
+/// How HTTP sources (Armis, NetBox) talk to their APIs (sources.md "Common
+/// to all HTTP sources").
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SourceHttpPolicy {
+    /// Deadline of one HTTP request, body included.
+    #[serde(with = "duration_field")]
+    pub request_timeout: Duration,
+    /// Retries of one request after its first attempt (connect errors,
+    /// timeouts, 5xx, 429); then the run fails.
+    pub max_retries: u32,
+    /// First backoff delay; it doubles per retry, with jitter.
+    #[serde(with = "duration_field")]
+    pub retry_base: Duration,
+    #[serde(with = "duration_field")]
+    pub retry_cap: Duration,
+    /// Longest `Retry-After` honoured; a longer one is waited this long.
+    #[serde(with = "duration_field")]
+    pub retry_after_cap: Duration,
+    /// Largest response body accepted (a page, a token answer).
+    pub max_body_bytes: usize,
+}
+
+impl Default for SourceHttpPolicy {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            max_retries: 5,
+            retry_base: Duration::from_millis(500),
+            retry_cap: Duration::from_secs(30),
+            retry_after_cap: Duration::from_secs(300),
+            max_body_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
 /// `serde(with)` for plain `Duration` fields in Go or humantime syntax.
 mod duration_field {
     use std::time::Duration;
@@ -125,6 +161,7 @@ pub struct Bootstrap {
     pub state_dir_configured: bool,
     pub restart: RestartPolicy,
     pub gateway: GatewayPolicy,
+    pub source_http: SourceHttpPolicy,
     /// Non-fatal findings (unknown keys, ignored values), logged at start.
     pub warnings: Vec<String>,
 }
@@ -148,6 +185,8 @@ struct RawBootstrap {
     restart_policy: RestartPolicy,
     #[serde(default)]
     gateway_policy: GatewayPolicy,
+    #[serde(default)]
+    source_http: SourceHttpPolicy,
     #[serde(flatten)]
     unknown: BTreeMap<String, Value>,
 }
@@ -310,6 +349,12 @@ impl Bootstrap {
         if !(1..=1000).contains(&raw.gateway_policy.chunk_max_updates) {
             return Err("gateway_policy.chunk_max_updates must be between 1 and 1000".into());
         }
+        if raw.source_http.request_timeout.is_zero() {
+            return Err("source_http.request_timeout must be positive".into());
+        }
+        if raw.source_http.retry_cap < raw.source_http.retry_base {
+            return Err("source_http.retry_cap must not be below retry_base".into());
+        }
         if restart.max_restarts == 0 {
             return Err("restart_policy.max_restarts must be at least 1".into());
         }
@@ -333,6 +378,7 @@ impl Bootstrap {
             },
             restart,
             gateway: raw.gateway_policy,
+            source_http: raw.source_http,
             warnings,
         })
     }

@@ -122,6 +122,9 @@ pub enum GatewayEvent {
         result: String,
         device_count: u64,
         error: Option<String>,
+        /// The whole report as sent (skipped counts, pages, retries,
+        /// error_kind, …).
+        report: serde_json::Value,
     },
     StreamRejected {
         agent_id: Option<String>,

@@ -277,6 +277,7 @@ impl GatewayService {
                 .and_then(|v| v.as_u64())
                 .unwrap_or(0),
             error,
+            report,
         };
         tracing::info!(agent_id, ?event, "run report");
         self.shared.emit(event);

@@ -1,15 +1,26 @@
-//! Discovery sources and their device mapping (sources.md).
+//! Discovery sources: per source type its HTTP client and its device
+//! mapping (sources.md).
 //!
-//! - [`armis`]: the Armis device object and its mapping to a
-//!   [`DeviceUpdate`]; the Faker source produces the same object.
+//! - [`armis`]: the Armis API client and the Armis device mapping (the Faker
+//!   source produces the same device object).
+//! - [`netbox`]: the NetBox API client and device mapping.
 //! - [`faker`]: the deterministic generator behind the `faker` source type
 //!   and the Faker server.
+//! - [`http`]: what the HTTP sources share (pooled client, retries, errors);
+//!   [`stager`]: pages in, staged run out, on a blocking thread.
+//! - [`runner`]: one run of any source type, as the integration actor sees it.
 //!
 //! [`faker_run`] is the whole in-process Faker run: generate, map, hand each
 //! update to a sink (normally a staging writer), count what was dropped.
 
 pub mod armis;
 pub mod faker;
+pub mod http;
+pub mod netbox;
+pub mod runner;
+pub mod stager;
+
+pub use armis::Mapped;
 
 use std::io;
 use std::ops::Range;
@@ -19,7 +30,7 @@ use ipnet::IpNet;
 
 use crate::device::{DeviceUpdate, UpdateContext};
 use crate::upload::staging::{EncodedBatch, RunWriter};
-use armis::{map_device_owned, Mapped};
+use armis::map_device_owned;
 use faker::FakerGenerator;
 
 /// What one run produced.
@@ -31,6 +42,14 @@ pub struct RunCounts {
     pub skipped_no_ip: u64,
     /// Devices whose IP is inside the source's `network_blacklist`.
     pub blacklisted: u64,
+    /// Devices already emitted in this run (several queries, shifting pages).
+    pub skipped_duplicate: u64,
+    /// Device objects that could not be read (wrong types).
+    pub skipped_invalid: u64,
+    /// API pages fetched (0 for the in-process Faker source).
+    pub pages: u64,
+    /// HTTP requests retried (connect errors, timeouts, 5xx, 429).
+    pub retries: u64,
 }
 
 /// Maps every device of the generator's current run (integration type

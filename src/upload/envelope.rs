@@ -158,8 +158,18 @@ pub struct RunReport {
     pub device_count: u64,
     pub duration_ms: u64,
     pub error: Option<String>,
+    /// The class of failure: `auth`, `rate_limit`, `network`,
+    /// `server_error`, `bad_response`, `config`, `staging`, `deadline`, …
+    pub error_kind: Option<String>,
+    /// Something a successful run wants the operator to know (device
+    /// objects skipped as unreadable).
+    pub warning: Option<String>,
     pub skipped_no_ip: u64,
     pub blacklisted: u64,
+    pub skipped_duplicate: u64,
+    pub skipped_invalid: u64,
+    pub pages: u64,
+    pub retries: u64,
 }
 
 /// The JSON shape of a report: `type` and `result` are the wire names.
@@ -173,11 +183,30 @@ struct ReportJson<'a> {
     device_count: u64,
     duration_ms: u64,
     error: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_kind: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warning: Option<Cow<'a, str>>,
     skipped_no_ip: u64,
     blacklisted: u64,
+    skipped_duplicate: u64,
+    skipped_invalid: u64,
+    pages: u64,
+    retries: u64,
 }
 
 impl RunReport {
+    /// Copies a run's counters into the report.
+    pub fn set_counts(&mut self, counts: &crate::sources::RunCounts) {
+        self.device_count = counts.devices;
+        self.skipped_no_ip = counts.skipped_no_ip;
+        self.blacklisted = counts.blacklisted;
+        self.skipped_duplicate = counts.skipped_duplicate;
+        self.skipped_invalid = counts.skipped_invalid;
+        self.pages = counts.pages;
+        self.retries = counts.retries;
+    }
+
     fn json_view(&self) -> ReportJson<'_> {
         ReportJson {
             source: Cow::Borrowed(&self.source),
@@ -187,8 +216,14 @@ impl RunReport {
             device_count: self.device_count,
             duration_ms: self.duration_ms,
             error: self.error.as_deref().map(Cow::Borrowed),
+            error_kind: self.error_kind.as_deref(),
+            warning: self.warning.as_deref().map(Cow::Borrowed),
             skipped_no_ip: self.skipped_no_ip,
             blacklisted: self.blacklisted,
+            skipped_duplicate: self.skipped_duplicate,
+            skipped_invalid: self.skipped_invalid,
+            pages: self.pages,
+            retries: self.retries,
         }
     }
 
@@ -203,7 +238,7 @@ impl RunReport {
         }
         let mut names = [Text::Source, Text::SourceType, Text::RunId];
         names.sort_by_key(|t| std::cmp::Reverse(t.get(&view).len()));
-        for text in std::iter::once(Text::Error).chain(names) {
+        for text in [Text::Warning, Text::Error].into_iter().chain(names) {
             let original = text.get(&view).to_owned();
             // The longest prefix that fits; JSON escaping makes the encoded
             // length hard to predict, so search (a report is built once a run).
@@ -253,6 +288,7 @@ fn shortened(text: &str, keep: usize) -> String {
 /// The report strings that may be shortened.
 #[derive(Clone, Copy)]
 enum Text {
+    Warning,
     Error,
     Source,
     SourceType,
@@ -262,6 +298,7 @@ enum Text {
 impl Text {
     fn get<'v>(self, view: &'v ReportJson<'_>) -> &'v str {
         match self {
+            Text::Warning => view.warning.as_deref().unwrap_or(""),
             Text::Error => view.error.as_deref().unwrap_or(""),
             Text::Source => &view.source,
             Text::SourceType => &view.source_type,
@@ -276,6 +313,11 @@ impl Text {
             Text::Error => {
                 if view.error.is_some() {
                     view.error = Some(value);
+                }
+            }
+            Text::Warning => {
+                if view.warning.is_some() {
+                    view.warning = Some(value);
                 }
             }
             Text::Source => view.source = value,
@@ -319,6 +361,7 @@ mod tests {
             error,
             skipped_no_ip: 1,
             blacklisted: 2,
+            ..RunReport::default()
         }
     }
 
@@ -391,7 +434,8 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({"source":"Armis Production","type":"armis","run_id":"run-7","result":"success",
-                "device_count":12,"duration_ms":345,"error":null,"skipped_no_ip":1,"blacklisted":2})
+                "device_count":12,"duration_ms":345,"error":null,"skipped_no_ip":1,"blacklisted":2,
+                "skipped_duplicate":0,"skipped_invalid":0,"pages":0,"retries":0})
         );
         let failed = fields().run_report(&report(Some("HTTP 503 from /api/v1/search/".into())), 5);
         let s = &failed.services[0];

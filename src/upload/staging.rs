@@ -274,6 +274,25 @@ impl EncodedBatch {
         self.lengths.len()
     }
 
+    /// Keeps only the lines `keep(index)` accepts, in order.
+    pub fn retain(&mut self, mut keep: impl FnMut(usize) -> bool) {
+        let (mut read, mut write) = (0, 0);
+        let mut kept = 0;
+        for i in 0..self.lengths.len() {
+            let len = self.lengths[i];
+            let span = len as usize + 1; // the line and its newline
+            if keep(i) {
+                self.lines.copy_within(read..read + span, write);
+                self.lengths[kept] = len;
+                write += span;
+                kept += 1;
+            }
+            read += span;
+        }
+        self.lines.truncate(write);
+        self.lengths.truncate(kept);
+    }
+
     /// Empties the batch, keeping its buffers for reuse.
     pub fn clear(&mut self) {
         self.lines.clear();

@@ -145,3 +145,30 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
         .await
         .unwrap_or_else(|_| panic!("timed out after {DEADLINE:?}: {what}"))
 }
+
+/// `(armis id, ip, first MAC upper-cased, name)` of every device of a Faker
+/// generator's first run: what the gateway must end up storing.
+pub fn expected_devices(
+    total: u64,
+    seed: u64,
+) -> std::collections::BTreeSet<(String, String, Option<String>, Option<String>)> {
+    use serviceradar_agent::sources::faker::{FakerGenerator, FakerSettings};
+    let creds = std::collections::BTreeMap::from([
+        ("total_devices".to_string(), total.to_string()),
+        ("seed".to_string(), seed.to_string()),
+    ]);
+    let mut generator = FakerGenerator::new(FakerSettings::from_credentials(&creds).unwrap());
+    generator.next_run();
+    generator
+        .devices()
+        .map(|d| {
+            (
+                d.id.unwrap().to_string(),
+                d.ip_address.clone().unwrap(),
+                d.mac_address
+                    .map(|m| m.split(',').next().unwrap().to_uppercase()),
+                d.name.clone(),
+            )
+        })
+        .collect()
+}

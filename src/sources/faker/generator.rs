@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use super::armis::{format_mac, ArmisDevice};
+use crate::sources::armis::{format_mac, ArmisDevice};
 
 /// Hosts in 172.16.0.0/12 when every /24 uses `.1`–`.254`: 16 × 256 × 254.
 pub const MAX_DEVICES: u64 = 16 * 256 * HOSTS_PER_SUBNET;

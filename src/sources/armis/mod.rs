@@ -1,0 +1,12 @@
+//! The Armis integration (sources.md "Armis").
+//!
+//! - [`mapping`]: the Armis device object and its mapping to a device update
+//!   (the Faker source produces the same object).
+//! - [`client`]: the HTTP client: access token, paged search, retries.
+
+pub mod client;
+pub mod mapping;
+
+pub use mapping::{
+    first_valid_mac, format_mac, map_device, map_device_owned, parse_mac, ArmisDevice, Mapped,
+};
