@@ -7,7 +7,10 @@ use std::time::Instant;
 
 use serviceradar_agent::device::{DeviceUpdate, UpdateContext};
 use serviceradar_agent::sources::faker::{FakerGenerator, FakerSettings};
+use serviceradar_agent::sources::armis::client::process_page;
+use serviceradar_agent::sources::faker::server::render_page;
 use serviceradar_agent::sources::faker_run;
+use serviceradar_agent::sources::stager::DeviceSink;
 use serviceradar_agent::upload::chunking::{plan, ChunkLimits, ChunkReader, RunIds};
 use serviceradar_agent::upload::staging::RunWriter;
 
@@ -67,4 +70,35 @@ fn main() {
         rate(chunk)
     );
     println!("single-thread total:  {:.0} devices/s", rate(stage + chunk));
+
+    // The Armis-over-HTTP path: what the Faker server renders, and what a
+    // page worker does with it (parse, map, encode), without the network.
+    let start = Instant::now();
+    let pages: Vec<Vec<u8>> = (0..total)
+        .step_by(5000)
+        .map(|from| render_page(&gen, from, 5000).unwrap())
+        .collect();
+    let render = start.elapsed();
+    let page_bytes: usize = pages.iter().map(Vec::len).sum();
+    let armis_ctx = UpdateContext {
+        source: "armis",
+        ..ctx.clone()
+    };
+    let start = Instant::now();
+    let mut sink = DeviceSink::default();
+    for body in &pages {
+        process_page(body, Some("All"), "GET /api/v1/search/", &armis_ctx, &[], &mut sink).unwrap();
+        sink = DeviceSink::default();
+    }
+    let process = start.elapsed();
+    println!(
+        "faker server render:  {} pages, {page_bytes} bytes in {render:?} ({:.0}/s)",
+        pages.len(),
+        rate(render)
+    );
+    println!(
+        "armis page process:   parse+map+encode in {process:?} ({:.0}/s, {:.2} µs/device)",
+        rate(process),
+        process.as_secs_f64() * 1e6 / total as f64
+    );
 }

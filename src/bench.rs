@@ -159,13 +159,18 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<i32> {
                 "state_dir": agent_dir.canonicalize()?,
             }))?,
         )?;
+        // `output()` would capture stderr too (tokio pipes both): spawn with
+        // only stdout piped so the agent's warnings reach the terminal.
         let output = tokio::process::Command::new(&exe)
             .arg("bench-agent")
             .arg("--bootstrap")
             .arg(&bootstrap)
             .stdin(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .output()
+            .spawn()
+            .context("starting the bench agent")?
+            .wait_with_output()
             .await
             .context("running the bench agent")?;
         if !output.status.success() {

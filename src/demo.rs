@@ -1,11 +1,19 @@
 //! `serviceradar-agent demo`: the whole system on one machine. Creates a dev
 //! PKI, starts a gateway and an agent on loopback mTLS, assigns a Faker source
 //! and shows the devices arriving.
+//!
+//! With `--faker-server` the devices come over HTTP instead: the demo starts
+//! the Faker server (the Armis API served from the same generator) in process
+//! and assigns an `armis` source pointed at it. With churn on, the demo
+//! advances the server to its next run each time a run report arrives, so run
+//! N of the agent sees Faker run N, as the in-process `faker` source does.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
@@ -14,10 +22,19 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::config::bootstrap::Bootstrap;
 use crate::gateway::{self, AgentSources, GatewayConfig, GatewayEvent};
+use crate::sources::faker::server::{FakerServer, FakerServerConfig};
+use crate::sources::faker::FakerSettings;
 use crate::{agent, pki};
 
 const AGENT_ID: &str = "demo-agent";
-const SOURCE_NAME: &str = "Demo Faker";
+const FAKER_SOURCE: &str = "Demo Faker";
+const ARMIS_SOURCE: &str = "Demo Armis";
+const SYNC_SERVICE_ID: &str = "6d1c2a9e-0000-4000-8000-000000000001";
+/// Credentials the demo's Faker server expects: demo values, not secrets.
+const FAKER_API_KEY: &str = "demo-api-key";
+const FAKER_API_SECRET: &str = "demo-api-secret";
+/// Page size the armis source asks for and the Faker server allows.
+const FAKER_PAGE: u32 = 5000;
 
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
@@ -42,6 +59,11 @@ pub struct DemoArgs {
     /// Give up if the first run has not arrived after this long.
     #[arg(long, default_value = "5m")]
     pub timeout: humantime::Duration,
+    /// Serve the devices from an in-process Faker server (the Armis API on
+    /// loopback HTTP) and sync them with an `armis` source instead of the
+    /// in-process `faker` source.
+    #[arg(long)]
+    pub faker_server: bool,
 }
 
 /// Runs the demo; returns the process exit code.
@@ -63,18 +85,77 @@ async fn run_in_system(args: DemoArgs) -> anyhow::Result<i32> {
     )?;
     println!("▸ dev PKI written to {}", state.join("certs").display());
 
-    let source = json!({
-        "type": "faker",
-        "credentials": {
-            "total_devices": args.devices.to_string(),
-            "seed": args.seed.to_string(),
-            "churn_percent": args.churn_percent.to_string(),
-        },
-        "discovery_interval": humantime::format_duration(*args.interval).to_string().replace(' ', ""),
-        "sync_service_id": "6d1c2a9e-0000-4000-8000-000000000001",
-    });
+    let interval = humantime::format_duration(*args.interval)
+        .to_string()
+        .replace(' ', "");
+    let faker_server = if args.faker_server {
+        let server = FakerServer::start(FakerServerConfig {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            settings: FakerSettings {
+                total_devices: args.devices,
+                seed: args.seed,
+                churn_percent: args.churn_percent,
+            },
+            max_page: FAKER_PAGE,
+            // Churn follows the agent's runs (see `advance_faker`), not a clock.
+            churn_interval: None,
+            token_ttl: Duration::from_secs(3600),
+            api_key: Some(FAKER_API_KEY.to_owned()),
+            api_secret: Some(FAKER_API_SECRET.to_owned()),
+        })
+        .await
+        .context("starting the demo Faker server")?;
+        Some(Arc::new(server))
+    } else {
+        None
+    };
+    let (source_name, source_kind, source) = match &faker_server {
+        Some(server) => {
+            println!(
+                "▸ armis source → Faker server at {} ({} devices, seed {})",
+                server.url(),
+                args.devices,
+                args.seed
+            );
+            (
+                ARMIS_SOURCE,
+                "armis",
+                json!({
+                    "type": "armis",
+                    "endpoint": server.url(),
+                    "credentials": {
+                        "api_key": FAKER_API_KEY,
+                        "api_secret": FAKER_API_SECRET,
+                        "page_size": FAKER_PAGE.to_string(),
+                    },
+                    "discovery_interval": interval,
+                    "sync_service_id": SYNC_SERVICE_ID,
+                }),
+            )
+        }
+        None => {
+            println!(
+                "▸ faker source → in-process generator ({} devices, seed {})",
+                args.devices, args.seed
+            );
+            (
+                FAKER_SOURCE,
+                "faker",
+                json!({
+                    "type": "faker",
+                    "credentials": {
+                        "total_devices": args.devices.to_string(),
+                        "seed": args.seed.to_string(),
+                        "churn_percent": args.churn_percent.to_string(),
+                    },
+                    "discovery_interval": interval,
+                    "sync_service_id": SYNC_SERVICE_ID,
+                }),
+            )
+        }
+    };
     let mut sources = serde_json::Map::new();
-    sources.insert(SOURCE_NAME.to_owned(), source);
+    sources.insert(source_name.to_owned(), source);
     let config = GatewayConfig {
         listen: "127.0.0.1:0".to_owned(),
         gateway_id: "demo-gateway".to_owned(),
@@ -113,7 +194,7 @@ async fn run_in_system(args: DemoArgs) -> anyhow::Result<i32> {
 
     let mut events = gw.subscribe();
     let agent = agent::start(bootstrap);
-    let mut summary = Summary::default();
+    let mut summary = Summary::new(source_name, source_kind);
     // Until the first run is reported (bounded by --timeout)...
     let first_run = tokio::time::timeout(
         *args.timeout,
@@ -126,9 +207,20 @@ async fn run_in_system(args: DemoArgs) -> anyhow::Result<i32> {
             "▸ following: the source runs every {}; Ctrl-C to stop",
             args.interval
         );
+        let churn = args.churn_percent;
         tokio::select! {
             _ = agent::wait_for_termination() => {}
-            _ = async { while show_until_reported(&mut events, &mut summary).await {} } => {}
+            _ = async {
+                loop {
+                    // A run was just reported: the next one sees the next Faker run.
+                    if let Some(server) = &faker_server {
+                        advance_faker(server, churn).await;
+                    }
+                    if !show_until_reported(&mut events, &mut summary).await {
+                        break;
+                    }
+                }
+            } => {}
         }
     }
 
@@ -154,8 +246,31 @@ async fn run_in_system(args: DemoArgs) -> anyhow::Result<i32> {
     println!("  elapsed          {:.2?}", started.elapsed());
     agent.shutdown();
     gw.shutdown().await;
+    if let Some(server) = faker_server {
+        // Only an advance still running after Ctrl-C holds another reference;
+        // dropping the server then stops it without the grace period.
+        if let Ok(server) = Arc::try_unwrap(server) {
+            server.shutdown().await;
+        }
+    }
     actix_rt::System::current().stop();
     Ok(if ok && stored == args.devices { 0 } else { 1 })
+}
+
+/// Moves the Faker server to its next run when churn is on (the IPs of
+/// `churn_percent` of the devices swap), off the async thread: it costs
+/// O(devices).
+async fn advance_faker(server: &Arc<FakerServer>, churn_percent: f64) {
+    if churn_percent <= 0.0 {
+        return;
+    }
+    let server = Arc::clone(server);
+    match tokio::task::spawn_blocking(move || server.advance_run()).await {
+        Ok(run) => println!(
+            "▸ Faker server advanced to run {run}: {churn_percent}% of the devices change IP for the next run"
+        ),
+        Err(e) => eprintln!("✗ advancing the Faker server failed: {e}"),
+    }
 }
 
 /// Prints gateway events until a run report arrives (true) or the event
@@ -195,8 +310,9 @@ fn reset_state(state: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))
 }
 
-#[derive(Default)]
 struct Summary {
+    source_name: &'static str,
+    source_kind: &'static str,
     runs: u64,
     chunks: u64,
     run_chunks: u64,
@@ -205,6 +321,18 @@ struct Summary {
 }
 
 impl Summary {
+    fn new(source_name: &'static str, source_kind: &'static str) -> Self {
+        Summary {
+            source_name,
+            source_kind,
+            runs: 0,
+            chunks: 0,
+            run_chunks: 0,
+            config_shown: None,
+            config_served_at: None,
+        }
+    }
+
     /// Prints one event; true when a run has been delivered and reported.
     fn show(&mut self, event: &GatewayEvent) -> bool {
         match event {
@@ -225,8 +353,10 @@ impl Summary {
                 self.config_shown = Some(version.clone());
                 self.config_served_at = Some(Instant::now());
                 println!(
-                    "▸ config {} served: source {SOURCE_NAME:?} (faker)",
-                    short(version)
+                    "▸ config {} served: source {:?} ({})",
+                    short(version),
+                    self.source_name,
+                    self.source_kind
                 );
             }
             GatewayEvent::ChunkStored {
@@ -262,14 +392,25 @@ impl Summary {
                 result,
                 device_count,
                 error,
+                report,
                 ..
             } => {
                 self.runs += 1;
+                let kind = report
+                    .get("type")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or(self.source_kind);
+                // HTTP sources also say how many API pages the run took.
+                let pages = match report.get("pages").and_then(|p| p.as_u64()) {
+                    Some(1) => " in 1 API page".to_owned(),
+                    Some(n) if n > 0 => format!(" in {n} API pages"),
+                    _ => String::new(),
+                };
                 match error {
-                    Some(e) => println!("▸ run report from {source:?}: {result}, error: {e}"),
-                    None => {
-                        println!("▸ run report from {source:?}: {result}, {device_count} devices")
-                    }
+                    Some(e) => println!("▸ run report from {source:?} ({kind}): {result}, error: {e}"),
+                    None => println!(
+                        "▸ run report from {source:?} ({kind}): {result}, {device_count} devices{pages}"
+                    ),
                 }
                 return true;
             }

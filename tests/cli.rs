@@ -1,5 +1,6 @@
 //! The real binary: `certs`, `gateway --config`, the agent with `--config`
-//! (an onboarding-bundle bootstrap file), and `check-config`.
+//! (an onboarding-bundle bootstrap file), `check-config` and
+//! `demo --faker-server`.
 
 mod common;
 
@@ -190,6 +191,46 @@ fn check_config_names_what_is_wrong() {
         report.contains("bad.json") && report.contains("gateway_addr"),
         "{report}"
     );
+}
+
+#[test]
+fn demo_with_faker_server_syncs_through_an_armis_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        &[
+            "demo",
+            "--faker-server",
+            "--devices",
+            "2000",
+            "--state-dir",
+            "demo-state",
+            "--timeout",
+            "60s",
+        ],
+        dir.path(),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("▸ armis source → Faker server at http://127.0.0.1:"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"served: source "Demo Armis" (armis)"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"▸ run report from "Demo Armis" (armis): success, 2000 devices in 1 API page"#
+        ),
+        "{text}"
+    );
+    assert!(text.contains("runs delivered   1"), "{text}");
+    assert!(text.contains("devices stored   2000 "), "{text}");
 }
 
 #[test]

@@ -130,6 +130,36 @@ fn names_follow_the_format() {
 }
 
 #[test]
+fn no_device_repeats_a_tag() {
+    let gen = generator(100_000, 1, 0.0);
+    for (i, d) in gen.devices().enumerate() {
+        let tags = d.tags.as_deref().unwrap();
+        // Every device has one tag, every third a second one.
+        assert_eq!(
+            tags.len(),
+            if i % 3 == 0 { 2 } else { 1 },
+            "device {i}: {tags:?}"
+        );
+        let distinct: HashSet<&String> = tags.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            tags.len(),
+            "device {i} repeats a tag: {tags:?}"
+        );
+    }
+    // Device 3's two picks both land on "corporate": the second moves on.
+    assert_eq!(
+        gen.device(3).tags.unwrap(),
+        ["corporate".to_owned(), "guest".to_owned()]
+    );
+    // Where the picks differ, nothing changed.
+    assert_eq!(
+        gen.device(0).tags.unwrap(),
+        ["production".to_owned(), "staging".to_owned()]
+    );
+}
+
+#[test]
 fn same_seed_same_devices_other_seed_other_randomness() {
     let a: Vec<ArmisDevice> = generator(3_000, 42, 0.0).devices().collect();
     let b: Vec<ArmisDevice> = generator(3_000, 42, 0.0).devices().collect();

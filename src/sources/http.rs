@@ -5,7 +5,10 @@
 //! Retries happen here and nowhere else. A request is retried on connect
 //! errors, timeouts, a body cut short, 408, 429 and 5xx, at most
 //! `max_retries` times; any other status is the caller's to interpret (Armis
-//! refreshes its token on 401, NetBox reports the `detail` of a 403).
+//! refreshes its token on 401, NetBox reports the `detail` of a 403). A
+//! server certificate that fails verification is a `network` error too, but
+//! it is not retried (no retry can fix it) and its message says how to skip
+//! verification.
 //!
 //! Errors never carry secrets: they name a request as `METHOD /path`
 //! (plus the paging position), never the full URL (an endpoint may embed
@@ -199,7 +202,19 @@ impl SourceHttp {
                 Err(e) if e.is_builder() => {
                     return Err(FetchError::Config(format!("{request}: {}", chain(&e))))
                 }
-                Err(e) => Outcome::Transport(chain(&e)),
+                Err(e) => match untrusted_certificate(&e) {
+                    Some(reason) => {
+                        return Err(FetchError::Network {
+                            request: request.to_owned(),
+                            attempts: attempt,
+                            detail: format!(
+                                "TLS certificate not trusted ({reason}); to skip verification set \
+                                 insecure_skip_verify: true (armis) or verify_ssl: \"false\" (netbox)"
+                            ),
+                        })
+                    }
+                    None => Outcome::Transport(chain(&e)),
+                },
             };
             let (retry_after, failure) = match outcome {
                 Outcome::Reply(reply, headers) => match reply.status {
@@ -306,6 +321,34 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         when.duration_since(std::time::SystemTime::now())
             .unwrap_or(Duration::ZERO),
     )
+}
+
+/// Why the server's certificate was refused, when that is why `e` failed:
+/// rustls's verdict (unknown issuer, expired, wrong name, …), found among
+/// the error's causes. rustls reports it inside an `io::Error` (which the
+/// connector wraps in another one), and `io::Error::source()` skips the
+/// error it wraps, so every `io::Error` met is also unwrapped.
+fn untrusted_certificate(e: &reqwest::Error) -> Option<String> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        let mut inner: &(dyn std::error::Error + 'static) = c;
+        loop {
+            if let Some(tls @ rustls::Error::InvalidCertificate(_)) =
+                inner.downcast_ref::<rustls::Error>()
+            {
+                return Some(tls.to_string());
+            }
+            match inner
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+            {
+                Some(wrapped) => inner = wrapped,
+                None => break,
+            }
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// An error and its causes on one line, without the URL reqwest would

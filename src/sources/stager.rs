@@ -79,6 +79,29 @@ impl DeviceSink {
         Ok(())
     }
 
+    /// Records a device dropped before encoding.
+    pub fn skip(&mut self, id: Option<i64>, why: Skip) {
+        let fate = match why {
+            Skip::NoIp => Fate::NoIp,
+            Skip::Blacklisted => Fate::Blacklisted,
+        };
+        self.devices.push((id, fate));
+    }
+
+    /// Appends an update `write` encodes itself (see
+    /// [`EncodedBatch::push_json`]). Too large for the gateway ⇒ counted as
+    /// invalid and skipped.
+    pub fn emit_json(&mut self, id: Option<i64>, write: impl FnOnce(&mut Vec<u8>)) {
+        let fate = match self.batch.push_json(write) {
+            Ok(()) => Fate::Emitted,
+            Err(e) => {
+                self.note_invalid(|| format!("device id {id:?}: {e}"));
+                Fate::Invalid
+            }
+        };
+        self.devices.push((id, fate));
+    }
+
     /// Counts a device object that could not be read (wrong types) and keeps
     /// the first such error for the run report.
     pub fn invalid(&mut self, id: Option<i64>, what: impl FnOnce() -> String) {
@@ -91,6 +114,15 @@ impl DeviceSink {
             self.first_invalid = Some(what());
         }
     }
+}
+
+/// Why a device was dropped before it was encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// No valid IP address.
+    NoIp,
+    /// Its IP is inside the source's `network_blacklist`.
+    Blacklisted,
 }
 
 /// A finished, complete run.

@@ -240,17 +240,20 @@ fn encode_line(update: &DeviceUpdate, out: &mut Vec<u8>) -> io::Result<u32> {
     let written = out.len() - start;
     if written > MAX_UPDATE_BYTES {
         out.truncate(start);
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "device update {} is {written} bytes of JSON, more than the {MAX_UPDATE_BYTES} \
-                 the gateway accepts (it would reject the whole stream)",
-                update.device_id
-            ),
-        ));
+        return Err(oversize_update(&update.device_id, written));
     }
     out.push(b'\n');
     Ok(written as u32) // ≤ MAX_UPDATE_BYTES < u32::MAX
+}
+
+fn oversize_update(device_id: &str, written: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "device update {device_id} is {written} bytes of JSON, more than the {MAX_UPDATE_BYTES} \
+             the gateway accepts (it would reject the whole stream)"
+        ),
+    )
 }
 
 /// Updates encoded as staged lines away from the [`RunWriter`] (on worker
@@ -267,6 +270,23 @@ impl EncodedBatch {
     pub fn push(&mut self, update: &DeviceUpdate) -> io::Result<()> {
         let len = encode_line(update, &mut self.lines)?;
         self.lengths.push(len);
+        Ok(())
+    }
+
+    /// Appends one update that `write` encodes itself (the JSON object, no
+    /// newline; it must not carry `sync_meta`). An oversize update is
+    /// refused with `InvalidData` and leaves the batch as it was.
+    pub fn push_json(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> io::Result<()> {
+        let start = self.lines.len();
+        write(&mut self.lines);
+        let written = self.lines.len() - start;
+        if written > MAX_UPDATE_BYTES {
+            // The device id is the line's fourth field; name it by position.
+            self.lines.truncate(start);
+            return Err(oversize_update("(encoded)", written));
+        }
+        self.lines.push(b'\n');
+        self.lengths.push(written as u32); // ≤ MAX_UPDATE_BYTES < u32::MAX
         Ok(())
     }
 

@@ -24,7 +24,7 @@ use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::mapping::{map_device_owned, ArmisDevice};
+use super::encode::{ArmisDeviceRef, LineEncoder};
 use crate::config::bootstrap::SourceHttpPolicy;
 use crate::config::sources::{Query, SourceConfig};
 use crate::device::UpdateContext;
@@ -220,20 +220,28 @@ impl ArmisClient {
                 let request = format!("GET {SEARCH_PATH} (from={from})");
                 let body = self.search(&query.query, from, &request, counts).await?;
                 counts.pages += 1;
-                let envelope = {
-                    let (body, request) = (body.clone(), request.clone());
-                    tokio::task::spawn_blocking(move || read_envelope(&body, &request))
-                        .await
-                        .map_err(|e| FetchError::Panicked(e.to_string()))??
+                // `next` decides the following request, so it is needed now;
+                // the page itself is parsed by a worker meanwhile, which
+                // also checks the `next` found here.
+                let next = match scan_next(&body) {
+                    Some(next) => next,
+                    None => {
+                        let (body, request) = (body.clone(), request.clone());
+                        tokio::task::spawn_blocking(move || read_envelope(&body, &request))
+                            .await
+                            .map_err(|e| FetchError::Panicked(e.to_string()))??
+                            .next
+                    }
                 };
                 stager
                     .push(SearchPage {
                         body,
                         label: label.clone(),
                         request,
+                        next,
                     })
                     .await?;
-                match envelope.next {
+                match next {
                     Some(next) if next > from => from = next,
                     _ => break,
                 }
@@ -438,9 +446,9 @@ fn armis_message(body: &[u8]) -> String {
 }
 
 /// What the fetch loop needs of a page before requesting the next one.
-#[derive(Debug)]
-struct Envelope {
-    next: Option<u64>,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Envelope {
+    pub next: Option<u64>,
 }
 
 /// Reads the envelope only (`results` is checked for shape, not parsed).
@@ -476,11 +484,42 @@ fn read_envelope(body: &[u8], request: &str) -> Result<Envelope, FetchError> {
     })
 }
 
-/// A downloaded search page on its way to the staging thread.
+/// `data.next` read off the start of a page without parsing it: Armis (and
+/// the Faker server) put `count`, `next`, `prev` before `results`, so a
+/// `"next":` key found before the first `"results"` key is the envelope's
+/// (a JSON string cannot contain an unescaped `"next":`). `None` when the
+/// page is laid out otherwise; the full envelope parse decides then.
+/// A page worker verifies the value against the real parse.
+fn scan_next(body: &[u8]) -> Option<Option<u64>> {
+    const WINDOW: usize = 512;
+    let head = &body[..body.len().min(WINDOW)];
+    let find = |needle: &[u8]| head.windows(needle.len()).position(|w| w == needle);
+    let key = find(b"\"next\"")?;
+    if find(b"\"results\"").is_some_and(|results| results < key) {
+        return None;
+    }
+    let rest = &head[key + 6..];
+    let rest = rest.trim_ascii_start().strip_prefix(b":")?.trim_ascii_start();
+    if rest.starts_with(b"null") {
+        return Some(None);
+    }
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    match rest.get(digits) {
+        // A number must end at a delimiter; `-1`, `1.5`, `1e3` go the slow way.
+        Some(b',' | b'}' | b' ' | b'\n' | b'\r' | b'\t') if digits > 0 => {
+            std::str::from_utf8(&rest[..digits]).ok()?.parse().ok().map(Some)
+        }
+        _ => None,
+    }
+}
+
+/// A downloaded search page on its way to a page worker.
 struct SearchPage {
     body: Bytes,
     label: Option<Arc<str>>,
     request: String,
+    /// The `next` the fetch loop followed, checked by the worker.
+    next: Option<u64>,
 }
 
 /// Parses a page's devices, maps and encodes them (a page worker).
@@ -494,39 +533,136 @@ fn stage_page(
     blacklist: &[IpNet],
     sink: &mut DeviceSink,
 ) -> Result<(), FetchError> {
+    let envelope =
+        process_page(&page.body, page.label.as_deref(), &page.request, ctx, blacklist, sink)?;
+    // The fetch loop followed a `next` read off the start of the page: the
+    // full parse is authoritative.
+    if envelope.next != page.next {
+        return Err(FetchError::bad_response(
+            &page.request,
+            format!(
+                "data.next is {:?} but {:?} was read from the start of the page",
+                envelope.next, page.next
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses one search page body, maps and encodes its devices into `sink`,
+/// and returns its envelope. `request` names the page in errors. Public
+/// for the pipeline benchmark.
+pub fn process_page(
+    body: &[u8],
+    label: Option<&str>,
+    request: &str,
+    ctx: &UpdateContext,
+    blacklist: &[IpNet],
+    sink: &mut DeviceSink,
+) -> Result<Envelope, FetchError> {
     #[derive(Deserialize)]
     struct Page<T> {
+        success: Option<bool>,
+        message: Option<String>,
         data: Option<PageData<T>>,
     }
     #[derive(Deserialize)]
     struct PageData<T> {
+        next: Option<i64>,
         results: Option<Vec<T>>,
     }
-    let label = page.label.as_deref();
-    let emit = |device: ArmisDevice, sink: &mut DeviceSink| {
-        let id = device.id;
-        sink.emit(id, map_device_owned(device, ctx, "armis", label, blacklist))
+    impl<T> Page<T> {
+        /// The envelope, or why the page is unusable; and its results.
+        fn open(self, request: &str) -> Result<(Envelope, Vec<T>), FetchError> {
+            if self.success == Some(false) {
+                return Err(FetchError::bad_response(
+                    request,
+                    format!(
+                        "success is false: {}",
+                        self.message.unwrap_or_else(|| "no message".into())
+                    ),
+                ));
+            }
+            let data = self
+                .data
+                .ok_or_else(|| FetchError::bad_response(request, "the page has no data object"))?;
+            let envelope = Envelope {
+                next: data.next.and_then(|n| u64::try_from(n).ok()),
+            };
+            Ok((envelope, data.results.unwrap_or_default()))
+        }
+    }
+    // The encoder is per page: its per-run prefix is a few hundred bytes,
+    // cheap next to a page of devices.
+    let encoder = LineEncoder::new(ctx, "armis");
+    let emit = |device: &ArmisDeviceRef<'_>, sink: &mut DeviceSink| {
+        match LineEncoder::addresses(device, blacklist) {
+            Ok(ips) => sink.emit_json(device.id, |out| encoder.write(device, &ips, label, out)),
+            Err(skip) => sink.skip(device.id, skip),
+        }
     };
-    if let Ok(parsed) = serde_json::from_slice::<Page<ArmisDevice>>(&page.body) {
-        for device in parsed.data.and_then(|d| d.results).unwrap_or_default() {
-            emit(device, sink)?;
+    if let Ok(parsed) = serde_json::from_slice::<Page<ArmisDeviceRef<'_>>>(body) {
+        let (envelope, devices) = parsed.open(request)?;
+        for device in devices {
+            emit(&device, sink);
         }
-        return Ok(());
+        return Ok(envelope);
     }
-    let parsed: Page<&RawValue> = serde_json::from_slice(&page.body).map_err(|e| {
-        FetchError::bad_response(&page.request, format!("invalid search page: {e}"))
-    })?;
-    for (i, raw) in parsed
-        .data
-        .and_then(|d| d.results)
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-    {
-        match serde_json::from_str::<ArmisDevice>(raw.get()) {
-            Ok(device) => emit(device, sink)?,
-            Err(e) => sink.invalid(raw_id(raw), || format!("{}: result {i}: {e}", page.request)),
+    let parsed: Page<&RawValue> = serde_json::from_slice(body)
+        .map_err(|e| FetchError::bad_response(request, format!("invalid search page: {e}")))?;
+    let (envelope, raws) = parsed.open(request)?;
+    for (i, raw) in raws.into_iter().enumerate() {
+        match serde_json::from_str::<ArmisDeviceRef<'_>>(raw.get()) {
+            Ok(device) => emit(&device, sink),
+            Err(e) => sink.invalid(raw_id(raw), || format!("{request}: result {i}: {e}")),
         }
     }
-    Ok(())
+    Ok(envelope)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_next_reads_the_envelope_before_results_only() {
+        let page = |s: &str| scan_next(s.as_bytes());
+        assert_eq!(page(r#"{"data":{"count":2,"next":2,"prev":null,"results":[]}}"#), Some(Some(2)));
+        assert_eq!(page(r#"{"data":{"count":0,"next" : null,"results":null}}"#), Some(None));
+        assert_eq!(page(r#"{"data":{"next":5000}}"#), Some(Some(5000)));
+        // After `results`, negative, fractional, exponent, string: the slow way.
+        assert_eq!(page(r#"{"data":{"results":[{"next":1}],"next":2}}"#), None);
+        for odd in [r#"{"data":{"next":-1}}"#, r#"{"data":{"next":1.5}}"#,
+                    r#"{"data":{"next":1e3}}"#, r#"{"data":{"next":"2"}}"#, r#"{"data":{}}"#] {
+            assert_eq!(page(odd), None, "{odd}");
+        }
+    }
+
+    fn ctx() -> UpdateContext {
+        UpdateContext {
+            agent_id: "a".into(),
+            gateway_id: "g".into(),
+            partition: "p".into(),
+            source: "armis",
+            timestamp: "t".into(),
+        }
+    }
+
+    #[test]
+    fn a_page_whose_scanned_next_is_not_its_envelope_fails() {
+        // A nested `next` before `results` fools the scan; the worker's full
+        // parse catches it instead of walking the wrong pages silently.
+        let body = r#"{"data":{"meta":{"next":3},"count":1,"results":[{"id":1,"ipAddress":"10.0.0.1"}],"next":null},"success":true}"#;
+        let scanned = scan_next(body.as_bytes()).expect("the scan finds a next");
+        assert_eq!(scanned, Some(3));
+        let page = SearchPage {
+            body: Bytes::from_static(body.as_bytes()),
+            label: None,
+            request: "GET /api/v1/search/ (from=0)".into(),
+            next: scanned,
+        };
+        let err = stage_page(page, &ctx(), &[], &mut DeviceSink::default()).unwrap_err();
+        assert_eq!(err.kind(), "bad_response");
+        assert!(err.to_string().contains("data.next is None"), "{err}");
+    }
 }

@@ -156,23 +156,23 @@ fn join_tags(tags: Vec<String>) -> String {
 }
 
 /// The valid addresses of an `ipAddress` list.
-struct ValidIps {
+pub struct ValidIps {
     /// The first valid one: the device's address.
-    chosen: IpAddr,
+    pub chosen: IpAddr,
     /// Length of its (trimmed) entry in the list.
     chosen_len: usize,
-    count: usize,
+    pub count: usize,
     /// All valid addresses comma-joined, only when there are several.
-    all_ips: Option<String>,
+    pub all_ips: Option<String>,
 }
 
-enum IpChoice {
+pub(crate) enum IpChoice {
     Chosen(ValidIps),
     None,
     Blacklisted,
 }
 
-fn choose_ip(list: Option<&str>, blacklist: &[IpNet]) -> IpChoice {
+pub(crate) fn choose_ip(list: Option<&str>, blacklist: &[IpNet]) -> IpChoice {
     let mut entries = list.unwrap_or("").split(',');
     let Some((chosen, chosen_len)) = entries
         .by_ref()

@@ -2,9 +2,12 @@
 //!
 //! - [`mapping`]: the Armis device object and its mapping to a device update
 //!   (the Faker source produces the same object).
+//! - [`encode`]: the hot path: a device borrowed from the page written
+//!   straight into its staged line (byte for byte what `mapping` gives).
 //! - [`client`]: the HTTP client: access token, paged search, retries.
 
 pub mod client;
+pub mod encode;
 pub mod mapping;
 
 pub use mapping::{

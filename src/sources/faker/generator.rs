@@ -202,9 +202,16 @@ impl FakerGenerator {
         let last_seen = first_seen + mix(seed, i, Field::LastSeen) % LAST_SEEN_SPAN;
         let nanos = (mix(seed, i, Field::Nanos) % 1_000_000_000) as u32;
 
-        let mut tags = vec![TAGS[(i % TAGS.len() as u64) as usize].to_owned()];
+        let first_tag = (i % TAGS.len() as u64) as usize;
+        let mut tags = vec![TAGS[first_tag].to_owned()];
         if i % 3 == 0 {
-            tags.push(TAGS[((i / 3 + 2) % TAGS.len() as u64) as usize].to_owned());
+            // Every third device has a second tag; where its pick lands on
+            // the first one, the next entry of the list is taken instead.
+            let mut second_tag = ((i / 3 + 2) % TAGS.len() as u64) as usize;
+            if second_tag == first_tag {
+                second_tag = (second_tag + 1) % TAGS.len();
+            }
+            tags.push(TAGS[second_tag].to_owned());
         }
 
         ArmisDevice {

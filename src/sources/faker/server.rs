@@ -629,7 +629,11 @@ fn page_bounds(from: u64, length: u64, total: u64) -> PageBounds {
 
 /// One search page as JSON, generated from `generator` straight into the
 /// response buffer (no intermediate device list or `serde_json::Value`).
-fn render_page(generator: &FakerGenerator, from: u64, length: u64) -> serde_json::Result<Vec<u8>> {
+pub fn render_page(
+    generator: &FakerGenerator,
+    from: u64,
+    length: u64,
+) -> serde_json::Result<Vec<u8>> {
     let total = generator.len();
     let bounds = page_bounds(from, length, total);
     let range = from..bounds.end;
