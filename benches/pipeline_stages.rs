@@ -6,9 +6,9 @@
 use std::time::Instant;
 
 use serviceradar_agent::device::{DeviceUpdate, UpdateContext};
-use serviceradar_agent::sources::faker::{FakerGenerator, FakerSettings};
 use serviceradar_agent::sources::armis::client::process_page;
 use serviceradar_agent::sources::faker::server::render_page;
+use serviceradar_agent::sources::faker::{FakerGenerator, FakerSettings};
 use serviceradar_agent::sources::faker_run;
 use serviceradar_agent::sources::stager::DeviceSink;
 use serviceradar_agent::upload::chunking::{plan, ChunkLimits, ChunkReader, RunIds};
@@ -87,7 +87,15 @@ fn main() {
     let start = Instant::now();
     let mut sink = DeviceSink::default();
     for body in &pages {
-        process_page(body, Some("All"), "GET /api/v1/search/", &armis_ctx, &[], &mut sink).unwrap();
+        process_page(
+            body,
+            Some("All"),
+            "GET /api/v1/search/",
+            &armis_ctx,
+            &[],
+            &mut sink,
+        )
+        .unwrap();
         sink = DeviceSink::default();
     }
     let process = start.elapsed();

@@ -97,7 +97,11 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<i32> {
         "(staging)",
         "devices/s",
         "agent peak RSS",
-        if http { "   plain download   agent/plain (staging/plain)" } else { "" }
+        if http {
+            "   plain download   agent/plain (staging/plain)"
+        } else {
+            ""
+        }
     );
     let mut results = Vec::new();
     for &n in &args.devices {
@@ -252,7 +256,9 @@ async fn plain_download(base: &str, devices: u64) -> anyhow::Result<f64> {
     let mut bytes = 0;
     for from in (0..devices).step_by(HTTP_PAGE as usize) {
         bytes += client
-            .get(format!("{base}/api/v1/search/?from={from}&length={HTTP_PAGE}"))
+            .get(format!(
+                "{base}/api/v1/search/?from={from}&length={HTTP_PAGE}"
+            ))
             .header("authorization", format!("Bearer {token}"))
             .send()
             .await?

@@ -89,6 +89,28 @@ impl UpdateContext {
     }
 }
 
+/// Inserts a trimmed value unless it is blank: sources.md lists most
+/// metadata keys "when non-empty"/"when present", and core would otherwise
+/// overwrite real values with "".
+pub fn insert_non_empty(metadata: &mut Metadata, key: &'static str, value: Option<String>) {
+    if let Some(value) = value.and_then(non_empty) {
+        metadata.insert(Cow::Borrowed(key), value);
+    }
+}
+
+/// The value trimmed, or `None` when blank.
+pub fn non_empty(value: String) -> Option<String> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        None
+    } else if trimmed.len() == value.len() {
+        // The common case: keep the allocation we already have.
+        Some(value)
+    } else {
+        Some(trimmed.to_owned())
+    }
+}
+
 /// Now as RFC 3339 UTC with fractional seconds (wire.md §5).
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string()

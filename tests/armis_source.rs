@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use serviceradar_agent::device::DeviceUpdate;
 use serviceradar_agent::sources::armis::client::ArmisClient;
 use serviceradar_agent::sources::runner::RunFailure;
 use serviceradar_agent::sources::stager::StageOutput;
-use serviceradar_agent::device::DeviceUpdate;
 use source_support::{fast_policy, json_body, source_config, staged_updates, Staging};
 use wiremock::matchers::{body_json, header, method, path, query_param};
-use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+use wiremock::{Mock, MockBuilder, MockServer, Request, Respond, ResponseTemplate};
 
 const TOKEN: &str = "/api/v1/access_token/";
 const SEARCH: &str = "/api/v1/search/";
@@ -34,8 +34,11 @@ fn client(server: &MockServer, fields: Value) -> ArmisClient {
     if fields.get("credentials").is_none() {
         fields["credentials"] = credentials(json!({}));
     }
-    ArmisClient::new(&source_config("armis", &server.uri(), fields), fast_policy())
-        .expect("client builds")
+    ArmisClient::new(
+        &source_config("armis", &server.uri(), fields),
+        fast_policy(),
+    )
+    .expect("client builds")
 }
 
 /// An Armis device with a unique address.
@@ -44,6 +47,11 @@ fn device(id: u64) -> Value {
         "macAddress": format!("aa:bb:cc:00:{:02x}:{:02x}", id / 256, id % 256),
         "name": format!("dev-{id}"), "type": "Laptop", "category": "Endpoint",
         "riskLevel": 0, "tags": [], "customProperties": null, "site": null})
+}
+
+/// A mock of the search endpoint, to refine with matchers.
+fn search() -> MockBuilder {
+    Mock::given(method("GET")).and(path(SEARCH))
 }
 
 fn page(results: Value, next: Value) -> ResponseTemplate {
@@ -121,7 +129,10 @@ async fn run_err(client: &ArmisClient, staging: &Staging) -> RunFailure {
                 staging.leftovers()
             );
             let text = format!("{} {:?}", failure.error, failure.error);
-            assert!(!text.contains(API_SECRET) && !text.contains("tok-"), "{text}");
+            assert!(
+                !text.contains(API_SECRET) && !text.contains("tok-"),
+                "{text}"
+            );
             failure
         }
     }
@@ -139,8 +150,10 @@ async fn token_request_sends_key_secret_and_secret_key_then_pages_follow_next() 
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path(TOKEN))
-        .and(body_json(json!({"api_key": "ak_live_3F9x", "api_secret": API_SECRET,
-            "secret_key": API_SECRET})))
+        .and(body_json(
+            json!({"api_key": "ak_live_3F9x", "api_secret": API_SECRET,
+            "secret_key": API_SECRET}),
+        ))
         .respond_with(TokenIssuer::hour())
         .expect(1)
         .mount(&server)
@@ -152,8 +165,7 @@ async fn token_request_sends_key_secret_and_secret_key_then_pages_follow_next() 
         ("2", json!([device(3), device(4)]), json!(4)),
         ("4", json!([device(5)]), Value::Null),
     ] {
-        Mock::given(method("GET"))
-            .and(path(SEARCH))
+        search()
             .and(query_param("from", from))
             .and(query_param("length", "2"))
             .and(query_param("aql", "in:devices"))
@@ -186,8 +198,7 @@ async fn token_is_cached_across_runs_and_renewed_when_about_to_expire() {
     let server = MockServer::start().await;
     let issuer = TokenIssuer::hour();
     issuer.mount(&server).await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .respond_with(page(json!([device(1)]), json!(0)))
         .mount(&server)
         .await;
@@ -204,8 +215,7 @@ async fn token_is_cached_across_runs_and_renewed_when_about_to_expire() {
         ..TokenIssuer::default()
     };
     short.mount(&server).await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .respond_with(page(json!([device(1)]), json!(0)))
         .mount(&server)
         .await;
@@ -220,16 +230,14 @@ async fn token_expiring_mid_run_is_refreshed_once_and_the_page_retried() {
     let server = MockServer::start().await;
     let issuer = TokenIssuer::hour();
     issuer.mount(&server).await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .and(query_param("from", "0"))
         .and(header("authorization", "Bearer tok-1"))
         .respond_with(page(json!([device(1)]), json!(1)))
         .mount(&server)
         .await;
     // The server revokes tok-1 before page 2.
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .and(header("authorization", "Bearer tok-1"))
         .respond_with(
             ResponseTemplate::new(401)
@@ -237,8 +245,7 @@ async fn token_expiring_mid_run_is_refreshed_once_and_the_page_retried() {
         )
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .and(query_param("from", "1"))
         .and(header("authorization", "Bearer tok-2"))
         .respond_with(page(json!([device(2)]), Value::Null))
@@ -257,8 +264,7 @@ async fn a_token_refused_twice_fails_the_run_as_auth() {
     let server = MockServer::start().await;
     let issuer = TokenIssuer::hour();
     issuer.mount(&server).await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .respond_with(
             ResponseTemplate::new(401)
                 .set_body_json(json!({"message": "Invalid access token", "success": false})),
@@ -285,7 +291,10 @@ async fn a_bad_secret_is_an_auth_error_with_armis_message() {
     let failure = run_err(&client(&server, json!({})), &Staging::new()).await;
     assert_eq!(failure.error.kind(), "auth");
     let text = failure.error.to_string();
-    assert!(text.contains("Invalid secret key") && text.contains(TOKEN), "{text}");
+    assert!(
+        text.contains("Invalid secret key") && text.contains(TOKEN),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -293,14 +302,15 @@ async fn raw_auth_scheme_and_secret_key_credential() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path(TOKEN))
-        .and(body_json(json!({"api_key": "ak_live_3F9x", "api_secret": API_SECRET,
-            "secret_key": "the-public-api-secret"})))
+        .and(body_json(
+            json!({"api_key": "ak_live_3F9x", "api_secret": API_SECRET,
+            "secret_key": "the-public-api-secret"}),
+        ))
         .respond_with(TokenIssuer::hour())
         .expect(1)
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .and(header("authorization", "tok-1"))
         .respond_with(page(json!([device(7)]), Value::Null))
         .expect(1)
@@ -319,20 +329,22 @@ async fn raw_auth_scheme_and_secret_key_credential() {
 async fn rate_limit_honours_retry_after() {
     let server = MockServer::start().await;
     TokenIssuer::hour().mount(&server).await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "1"))
         .up_to_n_times(1)
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .respond_with(page(json!([device(1)]), Value::Null))
         .mount(&server)
         .await;
     let mut policy = fast_policy();
     policy.retry_after_cap = Duration::from_secs(5);
-    let config = source_config("armis", &server.uri(), json!({"credentials": credentials(json!({}))}));
+    let config = source_config(
+        "armis",
+        &server.uri(),
+        json!({"credentials": credentials(json!({}))}),
+    );
     let client = ArmisClient::new(&config, policy).expect("client");
     let started = Instant::now();
     let output = client
@@ -348,8 +360,7 @@ async fn rate_limit_honours_retry_after() {
 async fn rate_limit_that_never_ends_fails_as_rate_limit() {
     let server = MockServer::start().await;
     TokenIssuer::hour().mount(&server).await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "0"))
         .mount(&server)
         .await;
@@ -362,14 +373,12 @@ async fn rate_limit_that_never_ends_fails_as_rate_limit() {
 async fn server_errors_are_retried_then_succeed() {
     let server = MockServer::start().await;
     TokenIssuer::hour().mount(&server).await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .respond_with(ResponseTemplate::new(503).set_body_string("upstream busy"))
         .up_to_n_times(2)
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .respond_with(page(json!([device(1), device(2)]), Value::Null))
         .mount(&server)
         .await;
@@ -382,21 +391,22 @@ async fn server_errors_are_retried_then_succeed() {
 async fn persistent_server_errors_fail_the_run_and_name_the_request() {
     let server = MockServer::start().await;
     TokenIssuer::hour().mount(&server).await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .and(query_param("from", "0"))
         .respond_with(page(json!([device(1)]), json!(1)))
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .respond_with(ResponseTemplate::new(502).set_body_string("bad gateway"))
         .mount(&server)
         .await;
     let failure = run_err(&client(&server, json!({})), &Staging::new()).await;
     assert_eq!(failure.error.kind(), "server_error");
     let text = failure.error.to_string();
-    assert!(text.contains("GET /api/v1/search/ (from=1)") && text.contains("502"), "{text}");
+    assert!(
+        text.contains("GET /api/v1/search/ (from=1)") && text.contains("502"),
+        "{text}"
+    );
     assert!(!text.contains("127.0.0.1"), "no host in errors: {text}");
     assert_eq!(failure.counts.pages, 1);
 }
@@ -407,7 +417,11 @@ async fn an_unreachable_api_is_a_network_error() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let uri = format!("http://{}", listener.local_addr().expect("addr"));
     drop(listener);
-    let config = source_config("armis", &uri, json!({"credentials": credentials(json!({}))}));
+    let config = source_config(
+        "armis",
+        &uri,
+        json!({"credentials": credentials(json!({}))}),
+    );
     let client = ArmisClient::new(&config, fast_policy()).expect("client");
     let staging = Staging::new();
     let failure = run_err(&client, &staging).await;
@@ -419,15 +433,13 @@ async fn an_unreachable_api_is_a_network_error() {
 async fn truncated_json_fails_the_run_and_stages_nothing() {
     let server = MockServer::start().await;
     TokenIssuer::hour().mount(&server).await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .and(query_param("from", "0"))
         .respond_with(page(json!([device(1)]), json!(1)))
         .mount(&server)
         .await;
     let full = json!({"data": {"next": null, "results": [device(2), device(3)]}}).to_string();
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .and(query_param("from", "1"))
         .respond_with(json_body(&full.as_bytes()[..full.len() / 2]))
         .mount(&server)
@@ -443,16 +455,20 @@ async fn wrong_types_in_a_device_skip_it_wrong_envelope_fails_the_run() {
     TokenIssuer::hour().mount(&server).await;
     let mut bad = device(2);
     bad["riskLevel"] = json!("high");
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .respond_with(page(json!([device(1), bad, device(3)]), Value::Null))
         .mount(&server)
         .await;
     let (output, updates) = run_ok(&client(&server, json!({})), &Staging::new()).await;
     assert_eq!(ids(&updates), [1, 3]);
     assert_eq!(output.counts.skipped_invalid, 1);
-    let first = output.first_invalid.expect("the skipped device is described");
-    assert!(first.contains("result 1") && first.contains("invalid type"), "{first}");
+    let first = output
+        .first_invalid
+        .expect("the skipped device is described");
+    assert!(
+        first.contains("result 1") && first.contains("invalid type"),
+        "{first}"
+    );
 
     for envelope in [
         json!({"data": {"next": null, "results": "oops"}, "success": true}),
@@ -462,8 +478,7 @@ async fn wrong_types_in_a_device_skip_it_wrong_envelope_fails_the_run() {
     ] {
         let server = MockServer::start().await;
         TokenIssuer::hour().mount(&server).await;
-        Mock::given(method("GET"))
-            .and(path(SEARCH))
+        search()
             .respond_with(json_body(envelope.to_string()))
             .mount(&server)
             .await;
@@ -477,14 +492,12 @@ async fn paging_stops_on_null_zero_or_backwards_next_and_accepts_null_results() 
     for (last_next, expected_pages) in [(Value::Null, 2), (json!(0), 2), (json!(1), 2)] {
         let server = MockServer::start().await;
         TokenIssuer::hour().mount(&server).await;
-        Mock::given(method("GET"))
-            .and(path(SEARCH))
+        search()
             .and(query_param("from", "0"))
             .respond_with(page(json!([device(1), device(2)]), json!(2)))
             .mount(&server)
             .await;
-        Mock::given(method("GET"))
-            .and(path(SEARCH))
+        search()
             .and(query_param("from", "2"))
             .respond_with(page(json!([device(3)]), last_next.clone()))
             .expect(1)
@@ -498,8 +511,7 @@ async fn paging_stops_on_null_zero_or_backwards_next_and_accepts_null_results() 
     // `results: null` past the end, and an empty inventory.
     let server = MockServer::start().await;
     TokenIssuer::hour().mount(&server).await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .respond_with(json_body(
             json!({"data": {"count": 0, "next": null, "results": null, "total": 0},
                 "success": true})
@@ -524,8 +536,7 @@ async fn comma_lists_blacklist_and_missing_ips() {
         {"id": 4, "ipAddress": "10.255.3.4", "name": "blacklisted"},
         {"id": 5, "ipAddress": "2001:db8::5", "name": "v6"}
     ]);
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .respond_with(page(results, Value::Null))
         .mount(&server)
         .await;
@@ -553,14 +564,12 @@ async fn comma_lists_blacklist_and_missing_ips() {
 async fn a_device_returned_by_several_queries_is_emitted_once() {
     let server = MockServer::start().await;
     TokenIssuer::hour().mount(&server).await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .and(query_param("aql", "in:devices type:Laptop"))
         .respond_with(page(json!([device(1), device(2)]), Value::Null))
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .and(query_param("aql", "in:devices riskLevel:>0"))
         .respond_with(page(json!([device(2), device(3)]), Value::Null))
         .mount(&server)
@@ -583,8 +592,7 @@ async fn a_device_returned_by_several_queries_is_emitted_once() {
 async fn no_queries_means_one_search_without_aql() {
     let server = MockServer::start().await;
     TokenIssuer::hour().mount(&server).await;
-    Mock::given(method("GET"))
-        .and(path(SEARCH))
+    search()
         .respond_with(|req: &Request| {
             let has_aql = req.url.query_pairs().any(|(k, _)| k == "aql");
             let length = req
@@ -615,7 +623,11 @@ fn page_size_defaults_and_caps() {
 
 #[test]
 fn bad_configuration_is_named_and_secrets_stay_out_of_debug() {
-    let missing = source_config("armis", "https://acme.armis.com", json!({"credentials": {"api_secret": "x"}}));
+    let missing = source_config(
+        "armis",
+        "https://acme.armis.com",
+        json!({"credentials": {"api_secret": "x"}}),
+    );
     let err = ArmisClient::new(&missing, fast_policy()).expect_err("no api_key");
     assert!(err.to_string().contains("api_key"), "{err}");
 
@@ -627,8 +639,15 @@ fn bad_configuration_is_named_and_secrets_stay_out_of_debug() {
     let err = ArmisClient::new(&scheme, fast_policy()).expect_err("bad scheme");
     assert!(err.to_string().contains("auth_scheme"), "{err}");
 
-    let ok = source_config("armis", "https://acme.armis.com", json!({"credentials": credentials(json!({}))}));
+    let ok = source_config(
+        "armis",
+        "https://acme.armis.com",
+        json!({"credentials": credentials(json!({}))}),
+    );
     let client = ArmisClient::new(&ok, fast_policy()).expect("client");
     let debug = format!("{client:?}");
-    assert!(!debug.contains(API_SECRET) && !debug.contains("ak_live"), "{debug}");
+    assert!(
+        !debug.contains(API_SECRET) && !debug.contains("ak_live"),
+        "{debug}"
+    );
 }

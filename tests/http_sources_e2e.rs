@@ -23,7 +23,9 @@ async fn run_report(
     source: &str,
 ) -> Value {
     wait_for(events, "RunReport", |e| match e {
-        GatewayEvent::RunReport { source: s, report, .. } if s == source => Some(report.clone()),
+        GatewayEvent::RunReport {
+            source: s, report, ..
+        } if s == source => Some(report.clone()),
         _ => None,
     })
     .await
@@ -53,7 +55,9 @@ async fn armis_source_pulls_the_faker_server_through_the_agent_to_the_gateway() 
         "credentials": {"api_key": "ak_demo", "api_secret": "demo-secret", "page_size": "5000"},
         "queries": [{"label": "All devices", "query": "in:devices"}],
         "network_blacklist": ["172.16.3.0/24"]});
-    let gw = fx.gateway(&[("agent-armis", json!({"Armis Lab": source}))]).await;
+    let gw = fx
+        .gateway(&[("agent-armis", json!({"Armis Lab": source}))])
+        .await;
     let mut events = gw.subscribe();
     let agent = agent::start(fx.bootstrap("agent-armis", &gw.local_addr().to_string(), json!({})));
 
@@ -142,7 +146,9 @@ async fn netbox_source_walks_fixture_shaped_pages_through_the_agent_to_the_gatew
     let source = json!({"type": "netbox", "endpoint": server.uri(), "discovery_interval": "1h",
         "credentials": {"api_token": "nbt_AAAAAAAAAAAA.BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB"},
         "partition": "lab"});
-    let gw = fx.gateway(&[("agent-netbox", json!({"NetBox Lab": source}))]).await;
+    let gw = fx
+        .gateway(&[("agent-netbox", json!({"NetBox Lab": source}))])
+        .await;
     let mut events = gw.subscribe();
     let agent = agent::start(fx.bootstrap("agent-netbox", &gw.local_addr().to_string(), json!({})));
 
@@ -159,7 +165,11 @@ async fn netbox_source_walks_fixture_shaped_pages_through_the_agent_to_the_gatew
             assert_eq!((r.source.as_str(), r.partition.as_str()), ("netbox", "lab"));
             assert_eq!(r.metadata["integration_type"], "netbox");
             assert_eq!(r.metadata["manufacturer"], "Cisco");
-            r.metadata["netbox_device_id"].as_str().unwrap().parse().unwrap()
+            r.metadata["netbox_device_id"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap()
         })
         .collect();
     assert_eq!(ids, (1..=2500).collect());
@@ -172,4 +182,84 @@ async fn netbox_source_walks_fixture_shaped_pages_through_the_agent_to_the_gatew
 
     agent.shutdown();
     gw.shutdown().await;
+}
+
+/// A failed run still reaches the gateway as a report that says why, and the
+/// secret never travels in it.
+#[actix_rt::test]
+async fn failed_http_runs_are_reported_with_their_kind_and_no_secret() {
+    let faker = FakerServer::start(FakerServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_key: Some("ak_demo".into()),
+        api_secret: Some("the-right-secret".into()),
+        ..FakerServerConfig::default()
+    })
+    .await
+    .expect("faker server starts");
+    // A NetBox that answers slower than the run deadline.
+    let slow = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(30)))
+        .mount(&slow)
+        .await;
+
+    let fx = Fixture::new(&["agent-fail"]);
+    let sources = json!({
+        "Armis Wrong Secret": {"type": "armis", "endpoint": faker.url(), "discovery_interval": "1h",
+            "credentials": {"api_key": "ak_demo", "api_secret": "a-wrong-s3cret"}},
+        "NetBox Too Slow": {"type": "netbox", "endpoint": slow.uri(), "discovery_interval": "1h",
+            "credentials": {"api_token": "0123456789abcdef0123456789abcdef01234567"}}});
+    let gw = fx.gateway(&[("agent-fail", sources)]).await;
+    let mut events = gw.subscribe();
+    let agent = agent::start(fx.bootstrap(
+        "agent-fail",
+        &gw.local_addr().to_string(),
+        json!({"gateway_policy": {"reconnect_base": "50ms", "reconnect_cap": "1s", "run_deadline": "300ms"}}),
+    ));
+
+    let mut reports = Vec::new();
+    while reports.len() < 2 {
+        reports.push(
+            wait_for(&mut events, "RunReport", |e| match e {
+                GatewayEvent::RunReport { report, .. } => Some(report.clone()),
+                _ => None,
+            })
+            .await,
+        );
+    }
+    let by_source = |name: &str| {
+        reports
+            .iter()
+            .find(|r| r["source"] == name)
+            .unwrap_or_else(|| panic!("no report for {name}: {reports:?}"))
+    };
+    let armis = by_source("Armis Wrong Secret");
+    assert_eq!(
+        (armis["result"].as_str(), armis["error_kind"].as_str()),
+        (Some("failed"), Some("auth"))
+    );
+    assert!(
+        armis["error"]
+            .as_str()
+            .unwrap()
+            .contains("Invalid secret key"),
+        "{armis}"
+    );
+    let netbox = by_source("NetBox Too Slow");
+    assert_eq!(
+        (netbox["result"].as_str(), netbox["error_kind"].as_str()),
+        (Some("failed"), Some("deadline"))
+    );
+    for report in &reports {
+        let text = report.to_string();
+        assert!(
+            !text.contains("a-wrong-s3cret") && !text.contains("0123456789abcdef01234567"),
+            "{text}"
+        );
+    }
+    assert_eq!(gw.store().expect("store").devices().await.unwrap().len(), 0);
+
+    agent.shutdown();
+    gw.shutdown().await;
+    faker.shutdown().await;
 }

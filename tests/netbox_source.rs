@@ -2,20 +2,18 @@
 //! responses of a real NetBox 4.7.3 (tests/fixtures/netbox/), paging,
 //! authentication, error bodies, retries and the staged result.
 
+mod source_support;
+
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::{json, Value};
-use serviceradar_agent::config::bootstrap::SourceHttpPolicy;
-use serviceradar_agent::config::sources::{parse_config_json, SourceConfig, SourceEntry};
-use serviceradar_agent::device::{DeviceUpdate, UpdateContext};
+use serviceradar_agent::config::sources::SourceConfig;
+use serviceradar_agent::device::DeviceUpdate;
 use serviceradar_agent::sources::http::FetchError;
 use serviceradar_agent::sources::netbox::client::NetboxClient;
-use serviceradar_agent::sources::runner::{RunFailure, RunJob};
+use serviceradar_agent::sources::runner::RunFailure;
 use serviceradar_agent::sources::stager::StageOutput;
-use serviceradar_agent::upload::staging::RunWriter;
+use source_support::{fast_policy, json_body, source_config, staged_updates, Staging};
 use wiremock::matchers::{header, method, path, query_param};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
@@ -30,75 +28,21 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
 }
 
-fn policy() -> SourceHttpPolicy {
-    SourceHttpPolicy {
-        request_timeout: Duration::from_secs(10),
-        max_retries: 3,
-        retry_base: Duration::from_millis(1),
-        retry_cap: Duration::from_millis(1),
-        retry_after_cap: Duration::from_millis(1),
-        max_body_bytes: 16 * 1024 * 1024,
-    }
-}
-
 /// A NetBox source as `config_json` carries it.
 fn source(endpoint: &str, credentials: Value) -> SourceConfig {
-    let payload = json!({"sources": {"NetBox Lab": {
-        "type": "netbox", "endpoint": endpoint, "credentials": credentials,
-        "poll_interval": "5m", "partition": "lab"}}});
-    let config = parse_config_json(payload.to_string().as_bytes()).unwrap();
-    match config.sources.into_values().next().unwrap() {
-        SourceEntry::Valid(c) => *c,
-        SourceEntry::Invalid { reason, .. } => panic!("{reason}"),
-    }
+    source_config(
+        "netbox",
+        endpoint,
+        json!({"credentials": credentials, "partition": "lab"}),
+    )
 }
 
 fn client(endpoint: &str, credentials: Value) -> NetboxClient {
-    NetboxClient::new(&source(endpoint, credentials), policy()).unwrap()
-}
-
-fn ctx() -> UpdateContext {
-    UpdateContext {
-        agent_id: "agent-edge-01".into(),
-        gateway_id: "gw-1".into(),
-        partition: "lab".into(),
-        source: "netbox",
-        timestamp: "2026-11-22T12:00:00.000000000Z".into(),
-    }
-}
-
-/// One run into a fresh staging directory.
-struct Staging {
-    dir: tempfile::TempDir,
-}
-
-impl Staging {
-    fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn job(&self, blacklist: &[&str], cancel: bool) -> RunJob {
-        RunJob {
-            update_ctx: ctx(),
-            blacklist: blacklist.iter().map(|n| n.parse().unwrap()).collect(),
-            writer: RunWriter::create(self.dir.path(), "run-1").unwrap(),
-            cancel: Arc::new(AtomicBool::new(cancel)),
-        }
-    }
-
-    /// Files left in the staging directory.
-    fn leftovers(&self) -> Vec<String> {
-        std::fs::read_dir(self.dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect()
-    }
+    NetboxClient::new(&source(endpoint, credentials), fast_policy()).unwrap()
 }
 
 async fn run_ok(client: &NetboxClient, staging: &Staging) -> (StageOutput, Vec<DeviceUpdate>) {
-    match client.run(staging.job(&[], false)).await {
+    match client.run(staging.job("netbox", &[], false)).await {
         Ok(output) => {
             let updates = staged_updates(&output);
             (output, updates)
@@ -108,7 +52,7 @@ async fn run_ok(client: &NetboxClient, staging: &Staging) -> (StageOutput, Vec<D
 }
 
 async fn run_err(client: &NetboxClient, staging: &Staging) -> RunFailure {
-    match client.run(staging.job(&[], false)).await {
+    match client.run(staging.job("netbox", &[], false)).await {
         Ok(output) => panic!("run succeeded with {:?}", output.counts),
         Err(failure) => {
             assert!(
@@ -119,17 +63,6 @@ async fn run_err(client: &NetboxClient, staging: &Staging) -> RunFailure {
             failure
         }
     }
-}
-
-/// The staged run's updates, in order (one JSON update per line).
-fn staged_updates(output: &StageOutput) -> Vec<DeviceUpdate> {
-    let text = std::fs::read_to_string(&output.staged.data_path).unwrap();
-    let updates: Vec<DeviceUpdate> = text
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
-    assert_eq!(updates.len() as u64, output.staged.device_count);
-    updates
 }
 
 fn by_netbox_id<'a>(updates: &'a [DeviceUpdate], id: &str) -> &'a DeviceUpdate {
@@ -144,10 +77,6 @@ fn ids(updates: &[DeviceUpdate]) -> Vec<String> {
         .iter()
         .map(|u| u.metadata["netbox_device_id"].clone())
         .collect()
-}
-
-fn json_body(body: impl Into<Vec<u8>>) -> ResponseTemplate {
-    ResponseTemplate::new(200).set_body_raw(body.into(), "application/json")
 }
 
 /// A synthetic device with a unique IPv4 address; `pad` bytes of
@@ -326,7 +255,7 @@ async fn blacklist_drops_devices_by_their_chosen_ip() {
     let staging = Staging::new();
     let client = client(&server.uri(), json!({"api_token": V2_TOKEN}));
     let output = client
-        .run(staging.job(&["10.10.0.0/24", "2001:db8:1::/64"], false))
+        .run(staging.job("netbox", &["10.10.0.0/24", "2001:db8:1::/64"], false))
         .await
         .map_err(|f| f.error)
         .unwrap();
@@ -795,7 +724,11 @@ async fn cancelled_run_stops_before_fetching() {
     mount_page(&server, "0", page(devices(1..3, 0), None)).await;
     let staging = Staging::new();
     let client = client(&server.uri(), json!({"api_token": V2_TOKEN}));
-    let failure = client.run(staging.job(&[], true)).await.err().unwrap();
+    let failure = client
+        .run(staging.job("netbox", &[], true))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(failure.error.kind(), "cancelled");
     assert!(staging.leftovers().is_empty());
     assert!(requests(&server).await.is_empty());
@@ -817,7 +750,7 @@ fn client_configuration() {
     }
     let mut config = source("https://netbox.example.com", json!({"api_token": V2_TOKEN}));
     config.insecure_skip_verify = true;
-    assert!(NetboxClient::new(&config, policy())
+    assert!(NetboxClient::new(&config, fast_policy())
         .unwrap()
         .insecure_skip_verify());
 
@@ -826,8 +759,11 @@ fn client_configuration() {
         json!({"api_token": "  "}),
         json!({"api_key": "x"}),
     ] {
-        let err = NetboxClient::new(&source("https://netbox.example.com", credentials), policy())
-            .unwrap_err();
+        let err = NetboxClient::new(
+            &source("https://netbox.example.com", credentials),
+            fast_policy(),
+        )
+        .unwrap_err();
         assert_eq!(err.kind(), "config");
         let message = err.to_string();
         assert!(
@@ -838,7 +774,7 @@ fn client_configuration() {
     // `token` is accepted too.
     assert!(NetboxClient::new(
         &source("https://netbox.example.com", json!({"token": V1_TOKEN})),
-        policy()
+        fast_policy()
     )
     .is_ok());
 }

@@ -157,7 +157,10 @@ impl Integration {
                 report.ok = true;
                 report.set_counts(&counts);
                 report.warning = output.first_invalid.map(|first| {
-                    format!("{} device objects skipped as unreadable; first: {first}", counts.skipped_invalid)
+                    format!(
+                        "{} device objects skipped as unreadable; first: {first}",
+                        counts.skipped_invalid
+                    )
                 });
                 tracing::info!(source = %self.config.name, run_id, devices = counts.devices,
                     skipped_no_ip = counts.skipped_no_ip, blacklisted = counts.blacklisted,

@@ -20,14 +20,11 @@ pub async fn run_from_file(path: &Path) -> anyhow::Result<()> {
     let mut events = handle.subscribe();
     print_line(&format!("gateway listening on {}", handle.local_addr()))?;
 
-    let stop = shutdown_signal();
+    let stop = crate::agent::wait_for_termination();
     tokio::pin!(stop);
     loop {
         tokio::select! {
-            result = &mut stop => {
-                result?;
-                break;
-            }
+            () = &mut stop => break,
             event = events.recv() => match event {
                 Ok(GatewayEvent::RunComplete { agent_id, run_id, devices, .. }) => {
                     print_line(&format!("run complete agent={agent_id} run={run_id} devices={devices}"))?;
@@ -50,23 +47,5 @@ fn print_line(line: &str) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}")?;
     out.flush()?;
-    Ok(())
-}
-
-/// Resolves on SIGINT or (on Unix) SIGTERM.
-async fn shutdown_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
     Ok(())
 }

@@ -158,7 +158,9 @@ impl SourceHttp {
             .tcp_nodelay(true)
             .tls_danger_accept_invalid_certs(insecure_skip_verify)
             .build()
-            .map_err(|e| FetchError::Config(format!("cannot build the HTTP client: {}", chain(&e))))?;
+            .map_err(|e| {
+                FetchError::Config(format!("cannot build the HTTP client: {}", chain(&e)))
+            })?;
         Ok(Self { client, policy })
     }
 
@@ -219,7 +221,8 @@ impl SourceHttp {
             let (retry_after, failure) = match outcome {
                 Outcome::Reply(reply, headers) => match reply.status {
                     StatusCode::TOO_MANY_REQUESTS => {
-                        let wait = retry_after(&headers).map(|d| d.min(self.policy.retry_after_cap));
+                        let wait =
+                            retry_after(&headers).map(|d| d.min(self.policy.retry_after_cap));
                         (
                             wait,
                             FetchError::RateLimited {
@@ -294,7 +297,12 @@ impl SourceHttp {
                     body.extend_from_slice(&chunk);
                 }
                 Ok(None) => return Ok(body.freeze()),
-                Err(e) => return Err(Failure::Transport(format!("reading the body: {}", chain(&e)))),
+                Err(e) => {
+                    return Err(Failure::Transport(format!(
+                        "reading the body: {}",
+                        chain(&e)
+                    )))
+                }
             }
         }
     }

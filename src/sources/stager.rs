@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::http::FetchError;
+use super::runner::RunFailure;
 use super::{Mapped, RunCounts};
 use crate::upload::staging::{EncodedBatch, RunWriter, StagedRun};
 
@@ -169,8 +170,7 @@ impl Collector {
         }
         if !drop_lines.is_empty() {
             let mut drop = drop_lines.into_iter().peekable();
-            sink.batch
-                .retain(|i| drop.next_if_eq(&i).is_none());
+            sink.batch.retain(|i| drop.next_if_eq(&i).is_none());
         }
         if self.first_invalid.is_none() {
             self.first_invalid = sink.first_invalid.take();
@@ -251,9 +251,10 @@ impl<P: Send + 'static> PageStager<P> {
             .ok()
             .and_then(|mut spare| spare.pop())
             .unwrap_or_default();
-        self.in_flight.push_back(tokio::task::spawn_blocking(move || {
-            process(page, &mut sink).map(|()| sink)
-        }));
+        self.in_flight
+            .push_back(tokio::task::spawn_blocking(move || {
+                process(page, &mut sink).map(|()| sink)
+            }));
         Ok(())
     }
 
@@ -297,6 +298,31 @@ impl<P: Send + 'static> PageStager<P> {
         // A send error means the writer already ended; its result says why.
         let _ = self.to_writer.send(ToWriter::Finish).await;
         self.writer.await.map_err(join_failure)?
+    }
+
+    /// Ends a run whose fetch loop returned `walked`: finishes it when the
+    /// walk succeeded, abandons it otherwise. `fetched` carries the fetch
+    /// loop's counters (pages, retries), kept on success and on failure.
+    pub async fn conclude(
+        self,
+        walked: Result<(), FetchError>,
+        fetched: RunCounts,
+    ) -> Result<StageOutput, RunFailure> {
+        let result = match walked {
+            Ok(()) => self.finish().await,
+            Err(e) => {
+                self.abandon().await;
+                Err(e)
+            }
+        };
+        match result {
+            Ok(mut output) => {
+                output.counts.pages = fetched.pages;
+                output.counts.retries = fetched.retries;
+                Ok(output)
+            }
+            Err(error) => Err(RunFailure::new(error, fetched)),
+        }
     }
 
     /// The run failed: remove what was staged and wait until it is gone.
@@ -430,7 +456,10 @@ mod tests {
             // Later pages repeat the previous page's last id.
             for i in 0..10u32 {
                 let id = page * 9 + i;
-                sink.emit(Some(id.into()), update(&format!("10.0.{}.{}", id / 200, id % 200)))?;
+                sink.emit(
+                    Some(id.into()),
+                    update(&format!("10.0.{}.{}", id / 200, id % 200)),
+                )?;
             }
             sink.emit(None, Mapped::NoIp)?;
             sink.invalid(Some(10_000 + i64::from(page)), || format!("page {page}"));
@@ -448,7 +477,12 @@ mod tests {
         let text = std::fs::read_to_string(&output.staged.data_path).unwrap();
         let ips: Vec<String> = text
             .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["ip"].as_str().unwrap().to_owned())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["ip"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
             .collect();
         let expected: Vec<String> = (0..=20 * 9)
             .map(|id| format!("10.0.{}.{}", id / 200, id % 200))

@@ -132,7 +132,10 @@ impl ArmisClient {
                 "credentials.api_secret (or secret_key) is required".into(),
             ));
         }
-        let scheme = match non_empty("auth_scheme").map(|s| s.to_ascii_lowercase()).as_deref() {
+        let scheme = match non_empty("auth_scheme")
+            .map(|s| s.to_ascii_lowercase())
+            .as_deref()
+        {
             None | Some("bearer") => AuthScheme::Bearer,
             Some("raw") => AuthScheme::Raw,
             Some(other) => {
@@ -186,21 +189,7 @@ impl ArmisClient {
         });
         let mut counts = RunCounts::default();
         let walked = self.walk(&mut stager, &job.cancel, &mut counts).await;
-        let result = match walked {
-            Ok(()) => stager.finish().await,
-            Err(e) => {
-                stager.abandon().await;
-                Err(e)
-            }
-        };
-        match result {
-            Ok(mut output) => {
-                output.counts.pages = counts.pages;
-                output.counts.retries = counts.retries;
-                Ok(output)
-            }
-            Err(error) => Err(RunFailure::new(error, counts)),
-        }
+        stager.conclude(walked, counts).await
     }
 
     async fn walk(
@@ -293,7 +282,10 @@ impl ArmisClient {
                 s if s.is_success() => return Ok(reply.body),
                 StatusCode::UNAUTHORIZED if !refreshed => {
                     // Expired or revoked early: one new token, same page.
-                    tracing::info!(request, "access token refused (HTTP 401): fetching a new one");
+                    tracing::info!(
+                        request,
+                        "access token refused (HTTP 401): fetching a new one"
+                    );
                     self.forget_token(&token).await;
                     refreshed = true;
                 }
@@ -320,7 +312,10 @@ impl ArmisClient {
     /// Drops the cached token if it is still the one that was refused.
     async fn forget_token(&self, refused: &Arc<str>) {
         let mut cached = self.inner.token.lock().await;
-        if cached.as_ref().is_some_and(|t| Arc::ptr_eq(&t.value, refused)) {
+        if cached
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(&t.value, refused))
+        {
             *cached = None;
         }
     }
@@ -410,11 +405,9 @@ impl ArmisClient {
 
 /// `expiration_utc`, e.g. `2023-10-11T09:49:00.818613+00:00`.
 fn parse_expiration(raw: &str) -> Option<SystemTime> {
-    let at = time::OffsetDateTime::parse(
-        raw.trim(),
-        &time::format_description::well_known::Rfc3339,
-    )
-    .ok()?;
+    let at =
+        time::OffsetDateTime::parse(raw.trim(), &time::format_description::well_known::Rfc3339)
+            .ok()?;
     Some(SystemTime::from(at))
 }
 
@@ -429,7 +422,11 @@ fn auth_error(request: &str, reply: &Reply) -> FetchError {
 fn unexpected_status(request: &str, reply: &Reply) -> FetchError {
     FetchError::bad_response(
         request,
-        format!("HTTP {}: {}", reply.status.as_u16(), armis_message(&reply.body)),
+        format!(
+            "HTTP {}: {}",
+            reply.status.as_u16(),
+            armis_message(&reply.body)
+        ),
     )
 }
 
@@ -499,7 +496,10 @@ fn scan_next(body: &[u8]) -> Option<Option<u64>> {
         return None;
     }
     let rest = &head[key + 6..];
-    let rest = rest.trim_ascii_start().strip_prefix(b":")?.trim_ascii_start();
+    let rest = rest
+        .trim_ascii_start()
+        .strip_prefix(b":")?
+        .trim_ascii_start();
     if rest.starts_with(b"null") {
         return Some(None);
     }
@@ -507,7 +507,11 @@ fn scan_next(body: &[u8]) -> Option<Option<u64>> {
     match rest.get(digits) {
         // A number must end at a delimiter; `-1`, `1.5`, `1e3` go the slow way.
         Some(b',' | b'}' | b' ' | b'\n' | b'\r' | b'\t') if digits > 0 => {
-            std::str::from_utf8(&rest[..digits]).ok()?.parse().ok().map(Some)
+            std::str::from_utf8(&rest[..digits])
+                .ok()?
+                .parse()
+                .ok()
+                .map(Some)
         }
         _ => None,
     }
@@ -533,8 +537,14 @@ fn stage_page(
     blacklist: &[IpNet],
     sink: &mut DeviceSink,
 ) -> Result<(), FetchError> {
-    let envelope =
-        process_page(&page.body, page.label.as_deref(), &page.request, ctx, blacklist, sink)?;
+    let envelope = process_page(
+        &page.body,
+        page.label.as_deref(),
+        &page.request,
+        ctx,
+        blacklist,
+        sink,
+    )?;
     // The fetch loop followed a `next` read off the start of the page: the
     // full parse is authoritative.
     if envelope.next != page.next {
@@ -595,11 +605,11 @@ pub fn process_page(
     // The encoder is per page: its per-run prefix is a few hundred bytes,
     // cheap next to a page of devices.
     let encoder = LineEncoder::new(ctx, "armis");
-    let emit = |device: &ArmisDeviceRef<'_>, sink: &mut DeviceSink| {
-        match LineEncoder::addresses(device, blacklist) {
-            Ok(ips) => sink.emit_json(device.id, |out| encoder.write(device, &ips, label, out)),
-            Err(skip) => sink.skip(device.id, skip),
-        }
+    let emit = |device: &ArmisDeviceRef<'_>, sink: &mut DeviceSink| match LineEncoder::addresses(
+        device, blacklist,
+    ) {
+        Ok(ips) => sink.emit_json(device.id, |out| encoder.write(device, &ips, label, out)),
+        Err(skip) => sink.skip(device.id, skip),
     };
     if let Ok(parsed) = serde_json::from_slice::<Page<ArmisDeviceRef<'_>>>(body) {
         let (envelope, devices) = parsed.open(request)?;
@@ -627,13 +637,24 @@ mod tests {
     #[test]
     fn scan_next_reads_the_envelope_before_results_only() {
         let page = |s: &str| scan_next(s.as_bytes());
-        assert_eq!(page(r#"{"data":{"count":2,"next":2,"prev":null,"results":[]}}"#), Some(Some(2)));
-        assert_eq!(page(r#"{"data":{"count":0,"next" : null,"results":null}}"#), Some(None));
+        assert_eq!(
+            page(r#"{"data":{"count":2,"next":2,"prev":null,"results":[]}}"#),
+            Some(Some(2))
+        );
+        assert_eq!(
+            page(r#"{"data":{"count":0,"next" : null,"results":null}}"#),
+            Some(None)
+        );
         assert_eq!(page(r#"{"data":{"next":5000}}"#), Some(Some(5000)));
         // After `results`, negative, fractional, exponent, string: the slow way.
         assert_eq!(page(r#"{"data":{"results":[{"next":1}],"next":2}}"#), None);
-        for odd in [r#"{"data":{"next":-1}}"#, r#"{"data":{"next":1.5}}"#,
-                    r#"{"data":{"next":1e3}}"#, r#"{"data":{"next":"2"}}"#, r#"{"data":{}}"#] {
+        for odd in [
+            r#"{"data":{"next":-1}}"#,
+            r#"{"data":{"next":1.5}}"#,
+            r#"{"data":{"next":1e3}}"#,
+            r#"{"data":{"next":"2"}}"#,
+            r#"{"data":{}}"#,
+        ] {
             assert_eq!(page(odd), None, "{odd}");
         }
     }

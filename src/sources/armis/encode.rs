@@ -15,8 +15,8 @@ use std::io::Write as _;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use super::mapping::{choose_ip, first_valid_mac, IpChoice};
 pub use super::mapping::ValidIps;
+use super::mapping::{choose_ip, first_valid_mac, IpChoice};
 use crate::device::UpdateContext;
 use crate::sources::stager::Skip;
 
@@ -149,7 +149,10 @@ impl LineEncoder {
         entries.text_opt("last_seen", non_empty(dev.last_seen.as_deref()));
         entries.text_opt("manufacturer", non_empty(dev.manufacturer.as_deref()));
         entries.text_opt("model", non_empty(dev.model.as_deref()));
-        entries.text_opt("operating_system", non_empty(dev.operating_system.as_deref()));
+        entries.text_opt(
+            "operating_system",
+            non_empty(dev.operating_system.as_deref()),
+        );
         entries.text_opt("query_label", non_empty(label));
         out.extend_from_slice(b"}}");
     }

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::device::{DeviceUpdate, Metadata, UpdateContext};
+use crate::device::{insert_non_empty, non_empty, DeviceUpdate, UpdateContext};
 
 /// One device as the Armis search API returns it.
 ///
@@ -277,29 +277,10 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
     out
 }
 
-/// Inserts a trimmed value unless it is blank: sources.md lists these keys
-/// "when non-empty", and core would otherwise overwrite real values with "".
-fn insert_non_empty(metadata: &mut Metadata, key: &'static str, value: Option<String>) {
-    if let Some(value) = value.and_then(non_empty) {
-        metadata.insert(Cow::Borrowed(key), value);
-    }
-}
-
-fn non_empty(value: String) -> Option<String> {
-    let trimmed = value.trim();
-    if trimmed.is_empty() {
-        None
-    } else if trimmed.len() == value.len() {
-        // The common case: keep the allocation we already have.
-        Some(value)
-    } else {
-        Some(trimmed.to_owned())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::Metadata;
 
     fn ctx() -> UpdateContext {
         UpdateContext {

@@ -802,28 +802,10 @@ pub fn run_from_cli(args: FakerArgs) -> anyhow::Result<()> {
             writeln!(out, "faker listening on {}", server.url())?;
             out.flush()?;
         }
-        let stopped = shutdown_signal().await;
+        crate::agent::wait_for_termination().await;
         server.shutdown().await;
-        stopped
+        Ok(())
     })
-}
-
-/// Resolves on SIGINT or (on Unix) SIGTERM.
-async fn shutdown_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -216,21 +216,8 @@ impl NetboxClient {
             stage_page(page, sink, &update_ctx, &blacklist)
         });
         let mut counts = RunCounts::default();
-        let result = match self.walk(&mut stager, &cancel, &mut counts).await {
-            Ok(()) => stager.finish().await,
-            Err(error) => {
-                stager.abandon().await;
-                Err(error)
-            }
-        };
-        match result {
-            Ok(mut output) => {
-                output.counts.pages = counts.pages;
-                output.counts.retries = counts.retries;
-                Ok(output)
-            }
-            Err(error) => Err(RunFailure::new(error, counts)),
-        }
+        let walked = self.walk(&mut stager, &cancel, &mut counts).await;
+        stager.conclude(walked, counts).await
     }
 
     /// The fetch loop: download, read the envelope, queue, follow `next`.
@@ -479,7 +466,9 @@ fn stage_page(
         let device = match serde_json::from_str::<NetboxDevice>(raw.get()) {
             Ok(device) => device,
             Err(e) => {
-                sink.invalid(raw_id(raw), || describe_invalid(&page.request, index, raw, &e));
+                sink.invalid(raw_id(raw), || {
+                    describe_invalid(&page.request, index, raw, &e)
+                });
                 continue;
             }
         };

@@ -54,8 +54,8 @@ use ipnet::IpNet;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-use crate::device::Metadata;
 use crate::device::UpdateContext;
+use crate::device::{insert_non_empty, non_empty, Metadata};
 use crate::sources::Mapped;
 
 /// One device as `GET /api/dcim/devices/` returns it (the fields the mapping
@@ -306,25 +306,6 @@ fn join_tags(tags: Vec<NetboxTag>) -> String {
         joined.push_str(&text);
     }
     joined
-}
-
-/// Inserts a trimmed value unless it is blank: these keys are listed "when
-/// present", and core would otherwise overwrite real values with "".
-fn insert_non_empty(metadata: &mut Metadata, key: &'static str, value: Option<String>) {
-    if let Some(value) = value.and_then(non_empty) {
-        metadata.insert(Cow::Borrowed(key), value);
-    }
-}
-
-fn non_empty(value: String) -> Option<String> {
-    let trimmed = value.trim();
-    if trimmed.is_empty() {
-        None
-    } else if trimmed.len() == value.len() {
-        Some(value)
-    } else {
-        Some(trimmed.to_owned())
-    }
 }
 
 #[cfg(test)]
