@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use serviceradar_agent::device::{DeviceUpdate, UpdateContext};
 use serviceradar_agent::sources::armis::client::process_page;
+use serviceradar_agent::sources::armis::encode::ArmisDeviceRef;
 use serviceradar_agent::sources::faker::server::render_page;
 use serviceradar_agent::sources::faker::{FakerGenerator, FakerSettings};
 use serviceradar_agent::sources::faker_run;
@@ -84,6 +85,26 @@ fn main() {
         source: "armis",
         ..ctx.clone()
     };
+    #[derive(serde::Deserialize)]
+    struct Page<'a> {
+        #[serde(borrow)]
+        data: PageData<'a>,
+    }
+    #[derive(serde::Deserialize)]
+    struct PageData<'a> {
+        #[serde(borrow)]
+        results: Vec<ArmisDeviceRef<'a>>,
+    }
+    let start = Instant::now();
+    let mut parsed = 0;
+    for body in &pages {
+        parsed += serde_json::from_slice::<Page<'_>>(body)
+            .unwrap()
+            .data
+            .results
+            .len();
+    }
+    let parse = start.elapsed();
     let start = Instant::now();
     let mut sink = DeviceSink::default();
     for body in &pages {
@@ -103,6 +124,10 @@ fn main() {
         "faker server render:  {} pages, {page_bytes} bytes in {render:?} ({:.0}/s)",
         pages.len(),
         rate(render)
+    );
+    println!(
+        "armis page parse:     {parsed} devices in {parse:?} ({:.2} µs/device)",
+        parse.as_secs_f64() * 1e6 / total as f64
     );
     println!(
         "armis page process:   parse+map+encode in {process:?} ({:.0}/s, {:.2} µs/device)",

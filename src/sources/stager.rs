@@ -54,7 +54,8 @@ pub struct DeviceSink {
 }
 
 impl DeviceSink {
-    fn clear(&mut self) {
+    /// Forgets everything emitted so far (a page read again another way).
+    pub fn clear(&mut self) {
         self.batch.clear();
         self.devices.clear();
         self.first_invalid = None;

@@ -25,6 +25,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::encode::{ArmisDeviceRef, LineEncoder};
+use super::page::read_page;
 use crate::config::bootstrap::SourceHttpPolicy;
 use crate::config::sources::{Query, SourceConfig};
 use crate::device::UpdateContext;
@@ -570,38 +571,6 @@ pub fn process_page(
     blacklist: &[IpNet],
     sink: &mut DeviceSink,
 ) -> Result<Envelope, FetchError> {
-    #[derive(Deserialize)]
-    struct Page<T> {
-        success: Option<bool>,
-        message: Option<String>,
-        data: Option<PageData<T>>,
-    }
-    #[derive(Deserialize)]
-    struct PageData<T> {
-        next: Option<i64>,
-        results: Option<Vec<T>>,
-    }
-    impl<T> Page<T> {
-        /// The envelope, or why the page is unusable; and its results.
-        fn open(self, request: &str) -> Result<(Envelope, Vec<T>), FetchError> {
-            if self.success == Some(false) {
-                return Err(FetchError::bad_response(
-                    request,
-                    format!(
-                        "success is false: {}",
-                        self.message.unwrap_or_else(|| "no message".into())
-                    ),
-                ));
-            }
-            let data = self
-                .data
-                .ok_or_else(|| FetchError::bad_response(request, "the page has no data object"))?;
-            let envelope = Envelope {
-                next: data.next.and_then(|n| u64::try_from(n).ok()),
-            };
-            Ok((envelope, data.results.unwrap_or_default()))
-        }
-    }
     // The encoder is per page: its per-run prefix is a few hundred bytes,
     // cheap next to a page of devices.
     let encoder = LineEncoder::new(ctx, "armis");
@@ -611,23 +580,42 @@ pub fn process_page(
         Ok(ips) => sink.emit_json(device.id, |out| encoder.write(device, &ips, label, out)),
         Err(skip) => sink.skip(device.id, skip),
     };
-    if let Ok(parsed) = serde_json::from_slice::<Page<ArmisDeviceRef<'_>>>(body) {
-        let (envelope, devices) = parsed.open(request)?;
-        for device in devices {
-            emit(&device, sink);
+    // One pass, devices streamed as they are parsed. Only when that fails is
+    // the page read again element by element, so that a device with wrong
+    // types is skipped and counted instead of failing the run.
+    let head = match read_page::<ArmisDeviceRef<'_>>(body, &mut |device| emit(&device, sink)) {
+        Ok(head) => head,
+        Err(_) => {
+            sink.clear();
+            let mut i = 0;
+            read_page::<&RawValue>(body, &mut |raw| {
+                match serde_json::from_str::<ArmisDeviceRef<'_>>(raw.get()) {
+                    Ok(device) => emit(&device, sink),
+                    Err(e) => sink.invalid(raw_id(raw), || format!("{request}: result {i}: {e}")),
+                }
+                i += 1;
+            })
+            .map_err(|e| FetchError::bad_response(request, format!("invalid search page: {e}")))?
         }
-        return Ok(envelope);
+    };
+    if head.success == Some(false) {
+        return Err(FetchError::bad_response(
+            request,
+            format!(
+                "success is false: {}",
+                head.message.unwrap_or_else(|| "no message".into())
+            ),
+        ));
     }
-    let parsed: Page<&RawValue> = serde_json::from_slice(body)
-        .map_err(|e| FetchError::bad_response(request, format!("invalid search page: {e}")))?;
-    let (envelope, raws) = parsed.open(request)?;
-    for (i, raw) in raws.into_iter().enumerate() {
-        match serde_json::from_str::<ArmisDeviceRef<'_>>(raw.get()) {
-            Ok(device) => emit(&device, sink),
-            Err(e) => sink.invalid(raw_id(raw), || format!("{request}: result {i}: {e}")),
-        }
+    if !head.has_data {
+        return Err(FetchError::bad_response(
+            request,
+            "the page has no data object",
+        ));
     }
-    Ok(envelope)
+    Ok(Envelope {
+        next: head.next.and_then(|n| u64::try_from(n).ok()),
+    })
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 pub use super::mapping::ValidIps;
-use super::mapping::{choose_ip, first_valid_mac, IpChoice};
+use super::mapping::{choose_ip, parse_mac, IpChoice};
 use crate::device::UpdateContext;
 use crate::sources::stager::Skip;
 
@@ -113,14 +113,18 @@ impl LineEncoder {
         out.extend_from_slice(b"\",\"ip\":\"");
         out.extend_from_within(ip_start..ip_end);
         out.push(b'"');
-        if let Some(mac) = dev.mac_address.as_deref().and_then(first_valid_mac) {
+        if let Some(mac) = dev
+            .mac_address
+            .as_deref()
+            .and_then(|list| list.split(',').find_map(parse_mac))
+        {
             out.extend_from_slice(b",\"mac\":\"");
-            out.extend_from_slice(mac.as_bytes());
+            push_mac(out, &mac);
             out.push(b'"');
         }
-        if let Some(name) = non_empty(dev.name.as_deref()) {
+        if let Some(name) = field(&dev.name) {
             out.extend_from_slice(b",\"hostname\":");
-            string(out, name);
+            name.write(out);
         }
         out.extend_from_slice(&self.middle);
 
@@ -129,8 +133,8 @@ impl LineEncoder {
         if let Some(all_ips) = &ips.all_ips {
             entries.text("all_ips", all_ips);
         }
-        entries.text_opt("armis_boundaries", non_empty(dev.boundaries.as_deref()));
-        entries.text_opt("armis_category", non_empty(dev.category.as_deref()));
+        entries.text_opt("armis_boundaries", field(&dev.boundaries));
+        entries.text_opt("armis_category", field(&dev.category));
         if let Some(id) = dev.id {
             entries.number("armis_device_id", id);
         }
@@ -140,27 +144,80 @@ impl LineEncoder {
         if let Some(tags) = &dev.tags {
             entries.tags("armis_tags", tags);
         }
-        entries.text_opt("armis_type", non_empty(dev.device_type.as_deref()));
-        entries.text_opt("first_seen", non_empty(dev.first_seen.as_deref()));
+        entries.text_opt("armis_type", field(&dev.device_type));
+        entries.text_opt("first_seen", field(&dev.first_seen));
         entries.text("integration_type", &self.integration_type);
         if ips.all_ips.is_some() {
             entries.number("ip_count", ips.count as i64);
         }
-        entries.text_opt("last_seen", non_empty(dev.last_seen.as_deref()));
-        entries.text_opt("manufacturer", non_empty(dev.manufacturer.as_deref()));
-        entries.text_opt("model", non_empty(dev.model.as_deref()));
+        entries.text_opt("last_seen", field(&dev.last_seen));
+        entries.text_opt("manufacturer", field(&dev.manufacturer));
+        entries.text_opt("model", field(&dev.model));
+        entries.text_opt("operating_system", field(&dev.operating_system));
         entries.text_opt(
-            "operating_system",
-            non_empty(dev.operating_system.as_deref()),
+            "query_label",
+            label
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(|value| Text {
+                    value,
+                    clean: false,
+                }),
         );
-        entries.text_opt("query_label", non_empty(label));
         out.extend_from_slice(b"}}");
     }
 }
 
-/// Trimmed, unless blank (the reference's `insert_non_empty`).
-fn non_empty(value: Option<&str>) -> Option<&str> {
-    value.map(str::trim).filter(|v| !v.is_empty())
+/// A string value on its way to the output.
+#[derive(Clone, Copy)]
+struct Text<'s> {
+    value: &'s str,
+    /// Borrowed from the page as it was: a JSON string without escapes
+    /// holds no `"`, `\` or control character, so it needs no escaping.
+    clean: bool,
+}
+
+impl Text<'_> {
+    fn write(self, out: &mut Vec<u8>) {
+        out.push(b'"');
+        self.write_content(out);
+        out.push(b'"');
+    }
+
+    fn write_content(self, out: &mut Vec<u8>) {
+        if self.clean {
+            out.extend_from_slice(self.value.as_bytes());
+        } else {
+            escaped(out, self.value);
+        }
+    }
+}
+
+/// A device field trimmed, unless blank (the reference's `insert_non_empty`).
+fn field<'s>(value: &'s Option<Cow<'_, str>>) -> Option<Text<'s>> {
+    field_of(value.as_ref()?)
+}
+
+// A `&Cow`, not a `&str`: whether it is borrowed is the point.
+#[allow(clippy::ptr_arg)]
+fn field_of<'s>(cow: &'s Cow<'_, str>) -> Option<Text<'s>> {
+    let trimmed = cow.trim();
+    (!trimmed.is_empty()).then_some(Text {
+        value: trimmed,
+        clean: matches!(cow, Cow::Borrowed(_)),
+    })
+}
+
+/// Upper-case colon form, as [`format_mac`](super::format_mac) writes it.
+fn push_mac(out: &mut Vec<u8>, mac: &[u8; 6]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for (i, byte) in mac.iter().enumerate() {
+        if i > 0 {
+            out.push(b':');
+        }
+        out.push(HEX[usize::from(byte >> 4)]);
+        out.push(HEX[usize::from(byte & 0x0f)]);
+    }
 }
 
 /// Writes `"key":"value"` metadata entries, comma-separated. Every value is
@@ -186,9 +243,10 @@ impl Entries<'_> {
         string(self.out, value);
     }
 
-    fn text_opt(&mut self, key: &str, value: Option<&str>) {
+    fn text_opt(&mut self, key: &str, value: Option<Text<'_>>) {
         if let Some(value) = value {
-            self.text(key, value);
+            self.key(key);
+            value.write(self.out);
         }
     }
 
@@ -199,14 +257,14 @@ impl Entries<'_> {
 
     /// Non-blank tags, trimmed and comma-joined; nothing when none is left.
     fn tags(&mut self, key: &str, tags: &[Cow<'_, str>]) {
-        let mut tags = tags.iter().map(|t| t.trim()).filter(|t| !t.is_empty());
+        let mut tags = tags.iter().filter_map(|t| field_of(t));
         let Some(first) = tags.next() else { return };
         self.key(key);
         self.out.push(b'"');
-        escaped(self.out, first);
+        first.write_content(self.out);
         for tag in tags {
             self.out.push(b',');
-            escaped(self.out, tag);
+            tag.write_content(self.out);
         }
         self.out.push(b'"');
     }
