@@ -651,3 +651,31 @@ fn bad_configuration_is_named_and_secrets_stay_out_of_debug() {
         "{debug}"
     );
 }
+
+#[tokio::test]
+async fn a_request_over_its_timeout_is_retried() {
+    let server = MockServer::start().await;
+    TokenIssuer::hour().mount(&server).await;
+    search()
+        .respond_with(page(json!([device(1)]), Value::Null).set_delay(Duration::from_secs(5)))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    search()
+        .respond_with(page(json!([device(1), device(2)]), Value::Null))
+        .mount(&server)
+        .await;
+    let mut policy = fast_policy();
+    policy.request_timeout = Duration::from_millis(200);
+    let config = source_config(
+        "armis",
+        &server.uri(),
+        json!({"credentials": credentials(json!({}))}),
+    );
+    let client = ArmisClient::new(&config, policy).expect("client");
+    let output = client
+        .run(Staging::new().job("armis", &[], false))
+        .await
+        .expect("the retry succeeds");
+    assert_eq!((output.counts.devices, output.counts.retries), (2, 1));
+}
