@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serviceradar_agent::device::{DeviceUpdate, UpdateContext};
 use serviceradar_agent::sources::armis::client::process_page;
-use serviceradar_agent::sources::armis::encode::ArmisDeviceRef;
+use serviceradar_agent::sources::armis::encode::ArmisDeviceFast;
 use serviceradar_agent::sources::faker::server::render_page;
 use serviceradar_agent::sources::faker::{FakerGenerator, FakerSettings};
 use serviceradar_agent::sources::faker_run;
@@ -93,7 +93,7 @@ fn main() {
     #[derive(serde::Deserialize)]
     struct PageData<'a> {
         #[serde(borrow)]
-        results: Vec<ArmisDeviceRef<'a>>,
+        results: Vec<ArmisDeviceFast<'a>>,
     }
     let start = Instant::now();
     let mut parsed = 0;

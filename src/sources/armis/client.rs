@@ -24,7 +24,7 @@ use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::encode::{ArmisDeviceRef, LineEncoder};
+use super::encode::{ArmisDeviceFast, ArmisDeviceOf, ArmisDeviceRef, FieldText, LineEncoder};
 use super::page::read_page;
 use crate::config::bootstrap::SourceHttpPolicy;
 use crate::config::sources::{Query, SourceConfig};
@@ -574,23 +574,33 @@ pub fn process_page(
     // The encoder is per page: its per-run prefix is a few hundred bytes,
     // cheap next to a page of devices.
     let encoder = LineEncoder::new(ctx, "armis");
-    let emit = |device: &ArmisDeviceRef<'_>, sink: &mut DeviceSink| match LineEncoder::addresses(
-        device, blacklist,
+    fn emit<S: FieldText>(
+        device: &ArmisDeviceOf<S>,
+        encoder: &LineEncoder,
+        label: Option<&str>,
+        blacklist: &[IpNet],
+        sink: &mut DeviceSink,
     ) {
-        Ok(ips) => sink.emit_json(device.id, |out| encoder.write(device, &ips, label, out)),
-        Err(skip) => sink.skip(device.id, skip),
-    };
-    // One pass, devices streamed as they are parsed. Only when that fails is
-    // the page read again element by element, so that a device with wrong
-    // types is skipped and counted instead of failing the run.
-    let head = match read_page::<ArmisDeviceRef<'_>>(body, &mut |device| emit(&device, sink)) {
+        match LineEncoder::addresses(device, blacklist) {
+            Ok(ips) => sink.emit_json(device.id, |out| encoder.write(device, &ips, label, out)),
+            Err(skip) => sink.skip(device.id, skip),
+        }
+    }
+    // One pass, devices streamed as they are parsed, every string borrowed.
+    // Only when that fails (a string with escapes, a device with wrong
+    // types) is the page read again element by element, so that such a
+    // device is still mapped, or skipped and counted, instead of failing
+    // the run.
+    let head = match read_page::<ArmisDeviceFast<'_>>(body, &mut |device| {
+        emit(&device, &encoder, label, blacklist, sink)
+    }) {
         Ok(head) => head,
         Err(_) => {
             sink.clear();
             let mut i = 0;
             read_page::<&RawValue>(body, &mut |raw| {
                 match serde_json::from_str::<ArmisDeviceRef<'_>>(raw.get()) {
-                    Ok(device) => emit(&device, sink),
+                    Ok(device) => emit(&device, &encoder, label, blacklist, sink),
                     Err(e) => sink.invalid(raw_id(raw), || format!("{request}: result {i}: {e}")),
                 }
                 i += 1;

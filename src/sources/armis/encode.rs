@@ -20,37 +20,58 @@ use super::mapping::{choose_ip, parse_mac, IpChoice};
 use crate::device::UpdateContext;
 use crate::sources::stager::Skip;
 
-/// An Armis device borrowed from the page body. Same fields and rules as
-/// [`ArmisDevice`](super::ArmisDevice).
+/// An Armis device read from the page body, generic over how its strings
+/// are held. Same fields and rules as [`ArmisDevice`](super::ArmisDevice).
+///
+/// - [`ArmisDeviceFast`]: every string borrowed from the body. Fastest; it
+///   cannot hold a string written with escapes, so such a device fails to
+///   parse this way and is read as an [`ArmisDeviceRef`] instead.
+/// - [`ArmisDeviceRef`]: strings as `Cow`, escapes and all.
 #[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct ArmisDeviceRef<'a> {
+#[serde(rename_all = "camelCase", bound(deserialize = "S: Deserialize<'de>"))]
+pub struct ArmisDeviceOf<S> {
     pub id: Option<i64>,
-    #[serde(borrow)]
-    pub ip_address: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    pub mac_address: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    pub name: Option<Cow<'a, str>>,
-    #[serde(borrow, rename = "type")]
-    pub device_type: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    pub category: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    pub manufacturer: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    pub model: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    pub operating_system: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    pub first_seen: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    pub last_seen: Option<Cow<'a, str>>,
+    pub ip_address: Option<S>,
+    pub mac_address: Option<S>,
+    pub name: Option<S>,
+    #[serde(rename = "type")]
+    pub device_type: Option<S>,
+    pub category: Option<S>,
+    pub manufacturer: Option<S>,
+    pub model: Option<S>,
+    pub operating_system: Option<S>,
+    pub first_seen: Option<S>,
+    pub last_seen: Option<S>,
     pub risk_level: Option<i64>,
-    #[serde(borrow)]
-    pub boundaries: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    pub tags: Option<Vec<Cow<'a, str>>>,
+    pub boundaries: Option<S>,
+    pub tags: Option<Vec<S>>,
+}
+
+pub type ArmisDeviceFast<'a> = ArmisDeviceOf<&'a str>;
+pub type ArmisDeviceRef<'a> = ArmisDeviceOf<Cow<'a, str>>;
+
+/// A device string as the encoder sees it.
+pub trait FieldText {
+    fn text(&self) -> Text<'_>;
+}
+
+impl FieldText for &str {
+    fn text(&self) -> Text<'_> {
+        // Borrowed straight from the body: it had no escapes.
+        Text {
+            value: self,
+            clean: true,
+        }
+    }
+}
+
+impl FieldText for Cow<'_, str> {
+    fn text(&self) -> Text<'_> {
+        Text {
+            value: self,
+            clean: matches!(self, Cow::Borrowed(_)),
+        }
+    }
 }
 
 /// The per-run parts of every line, encoded once.
@@ -89,8 +110,11 @@ impl LineEncoder {
 
     /// Chooses the device's address by the rules of
     /// [`map_device`](super::map_device), or says why it is skipped.
-    pub fn addresses(dev: &ArmisDeviceRef<'_>, blacklist: &[IpNet]) -> Result<ValidIps, Skip> {
-        match choose_ip(dev.ip_address.as_deref(), blacklist) {
+    pub fn addresses<S: FieldText>(
+        dev: &ArmisDeviceOf<S>,
+        blacklist: &[IpNet],
+    ) -> Result<ValidIps, Skip> {
+        match choose_ip(dev.ip_address.as_ref().map(|s| s.text().value), blacklist) {
             IpChoice::Chosen(ips) => Ok(ips),
             IpChoice::None => Err(Skip::NoIp),
             IpChoice::Blacklisted => Err(Skip::Blacklisted),
@@ -98,9 +122,9 @@ impl LineEncoder {
     }
 
     /// Appends the device's update as JSON (no newline) to `out`.
-    pub fn write(
+    pub fn write<S: FieldText>(
         &self,
-        dev: &ArmisDeviceRef<'_>,
+        dev: &ArmisDeviceOf<S>,
         ips: &ValidIps,
         label: Option<&str>,
         out: &mut Vec<u8>,
@@ -115,8 +139,8 @@ impl LineEncoder {
         out.push(b'"');
         if let Some(mac) = dev
             .mac_address
-            .as_deref()
-            .and_then(|list| list.split(',').find_map(parse_mac))
+            .as_ref()
+            .and_then(|list| list.text().value.split(',').find_map(parse_mac))
         {
             out.extend_from_slice(b",\"mac\":\"");
             push_mac(out, &mac);
@@ -170,7 +194,7 @@ impl LineEncoder {
 
 /// A string value on its way to the output.
 #[derive(Clone, Copy)]
-struct Text<'s> {
+pub struct Text<'s> {
     value: &'s str,
     /// Borrowed from the page as it was: a JSON string without escapes
     /// holds no `"`, `\` or control character, so it needs no escaping.
@@ -194,17 +218,16 @@ impl Text<'_> {
 }
 
 /// A device field trimmed, unless blank (the reference's `insert_non_empty`).
-fn field<'s>(value: &'s Option<Cow<'_, str>>) -> Option<Text<'s>> {
+fn field<S: FieldText>(value: &Option<S>) -> Option<Text<'_>> {
     field_of(value.as_ref()?)
 }
 
-// A `&Cow`, not a `&str`: whether it is borrowed is the point.
-#[allow(clippy::ptr_arg)]
-fn field_of<'s>(cow: &'s Cow<'_, str>) -> Option<Text<'s>> {
-    let trimmed = cow.trim();
+fn field_of<S: FieldText>(value: &S) -> Option<Text<'_>> {
+    let text = value.text();
+    let trimmed = text.value.trim();
     (!trimmed.is_empty()).then_some(Text {
         value: trimmed,
-        clean: matches!(cow, Cow::Borrowed(_)),
+        clean: text.clean,
     })
 }
 
@@ -256,7 +279,7 @@ impl Entries<'_> {
     }
 
     /// Non-blank tags, trimmed and comma-joined; nothing when none is left.
-    fn tags(&mut self, key: &str, tags: &[Cow<'_, str>]) {
+    fn tags<S: FieldText>(&mut self, key: &str, tags: &[S]) {
         let mut tags = tags.iter().filter_map(|t| field_of(t));
         let Some(first) = tags.next() else { return };
         self.key(key);
@@ -333,12 +356,25 @@ mod tests {
         }
     }
 
+    /// Both direct paths: the `Cow` one always, the borrowed one when the
+    /// JSON has no escapes (it cannot parse otherwise); they must agree.
     fn direct(json: &str, label: Option<&str>, blacklist: &[IpNet]) -> Option<Vec<u8>> {
-        let dev: ArmisDeviceRef<'_> = serde_json::from_str(json).unwrap();
-        let mut out = Vec::new();
-        let ips = LineEncoder::addresses(&dev, blacklist).ok()?;
-        LineEncoder::new(&ctx(), "armis").write(&dev, &ips, label, &mut out);
-        Some(out)
+        fn encode<S: FieldText>(
+            dev: &ArmisDeviceOf<S>,
+            label: Option<&str>,
+            blacklist: &[IpNet],
+        ) -> Option<Vec<u8>> {
+            let mut out = Vec::new();
+            let ips = LineEncoder::addresses(dev, blacklist).ok()?;
+            LineEncoder::new(&ctx(), "armis").write(dev, &ips, label, &mut out);
+            Some(out)
+        }
+        let owned: ArmisDeviceRef<'_> = serde_json::from_str(json).unwrap();
+        let line = encode(&owned, label, blacklist);
+        if let Ok(borrowed) = serde_json::from_str::<ArmisDeviceFast<'_>>(json) {
+            assert_eq!(encode(&borrowed, label, blacklist), line, "{json}");
+        }
+        line
     }
 
     #[test]
