@@ -131,8 +131,15 @@ impl LineEncoder {
     ) {
         out.extend_from_slice(&self.head);
         let ip_start = out.len();
-        // An address never needs escaping.
-        let _ = write!(out, "{}", ips.chosen);
+        // An address never needs escaping; an IPv4 entry is already in its
+        // canonical form (see `ValidIps::chosen_at`).
+        let list = dev.ip_address.as_ref().map_or("", |l| l.text().value);
+        match list.get(ips.chosen_at..ips.chosen_at + ips.chosen_len) {
+            Some(entry) if ips.chosen.is_ipv4() => out.extend_from_slice(entry.as_bytes()),
+            _ => {
+                let _ = write!(out, "{}", ips.chosen);
+            }
+        }
         let ip_end = out.len();
         out.extend_from_slice(b"\",\"ip\":\"");
         out.extend_from_within(ip_start..ip_end);
@@ -275,7 +282,9 @@ impl Entries<'_> {
 
     fn number(&mut self, key: &str, value: i64) {
         self.key(key);
-        let _ = write!(self.out, "\"{value}\"");
+        self.out.push(b'"');
+        push_decimal(self.out, value);
+        self.out.push(b'"');
     }
 
     /// Non-blank tags, trimmed and comma-joined; nothing when none is left.
@@ -291,6 +300,25 @@ impl Entries<'_> {
         }
         self.out.push(b'"');
     }
+}
+
+/// `value` in decimal, as `i64`'s `Display` writes it.
+fn push_decimal(out: &mut Vec<u8>, value: i64) {
+    let mut digits = [0u8; 20];
+    let mut n = value.unsigned_abs();
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if value < 0 {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// A JSON string, quoted.

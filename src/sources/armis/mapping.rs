@@ -159,8 +159,11 @@ fn join_tags(tags: Vec<String>) -> String {
 pub struct ValidIps {
     /// The first valid one: the device's address.
     pub chosen: IpAddr,
-    /// Length of its (trimmed) entry in the list.
-    chosen_len: usize,
+    /// Where its (trimmed) entry starts in the list, and its length. An
+    /// IPv4 address parses only in canonical form, so for IPv4 that entry
+    /// is exactly how the address prints.
+    pub(crate) chosen_at: usize,
+    pub(crate) chosen_len: usize,
     pub count: usize,
     /// All valid addresses comma-joined, only when there are several.
     pub all_ips: Option<String>,
@@ -173,11 +176,13 @@ pub(crate) enum IpChoice {
 }
 
 pub(crate) fn choose_ip(list: Option<&str>, blacklist: &[IpNet]) -> IpChoice {
-    let mut entries = list.unwrap_or("").split(',');
-    let Some((chosen, chosen_len)) = entries
-        .by_ref()
-        .find_map(|e| parse_ip(e).map(|ip| (ip, e.trim().len())))
-    else {
+    let list = list.unwrap_or("");
+    let mut entries = list.split(',');
+    let Some((chosen, chosen_at, chosen_len)) = entries.by_ref().find_map(|e| {
+        let trimmed = e.trim();
+        let at = trimmed.as_ptr() as usize - list.as_ptr() as usize;
+        parse_ip(e).map(|ip| (ip, at, trimmed.len()))
+    }) else {
         return IpChoice::None;
     };
     // Only the chosen address decides (sources.md): a device whose secondary
@@ -195,6 +200,7 @@ pub(crate) fn choose_ip(list: Option<&str>, blacklist: &[IpNet]) -> IpChoice {
     }
     IpChoice::Chosen(ValidIps {
         chosen,
+        chosen_at,
         chosen_len,
         count,
         all_ips,
