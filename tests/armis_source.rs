@@ -626,10 +626,13 @@ fn bad_configuration_is_named_and_secrets_stay_out_of_debug() {
     let missing = source_config(
         "armis",
         "https://acme.armis.com",
-        json!({"credentials": {"api_secret": "x"}}),
+        json!({"credentials": {"api_key": "k"}}),
     );
-    let err = ArmisClient::new(&missing, fast_policy()).expect_err("no api_key");
-    assert!(err.to_string().contains("api_key"), "{err}");
+    let err = ArmisClient::new(&missing, fast_policy()).expect_err("no secret");
+    assert!(
+        err.to_string().contains("api_secret (or secret_key)"),
+        "{err}"
+    );
 
     let scheme = source_config(
         "armis",
@@ -678,4 +681,26 @@ async fn a_request_over_its_timeout_is_retried() {
         .await
         .expect("the retry succeeds");
     assert_eq!((output.counts.devices, output.counts.retries), (2, 1));
+}
+
+#[tokio::test]
+async fn the_public_api_form_sends_only_secret_key() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN))
+        .and(body_json(json!({"secret_key": "only-the-secret-key"})))
+        .respond_with(TokenIssuer::hour())
+        .expect(1)
+        .mount(&server)
+        .await;
+    search()
+        .respond_with(page(json!([device(3)]), Value::Null))
+        .mount(&server)
+        .await;
+    let client = client(
+        &server,
+        json!({"credentials": {"secret_key": "only-the-secret-key"}}),
+    );
+    let (_, updates) = run_ok(&client, &Staging::new()).await;
+    assert_eq!(ids(&updates), [3]);
 }

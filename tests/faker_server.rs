@@ -223,19 +223,19 @@ async fn token_flow_with_configured_credentials() {
 }
 
 #[tokio::test]
-async fn default_credentials_need_a_key_and_a_secret() {
+async fn default_credentials_need_a_secret() {
     let server = start(1, |_| {}).await;
     let (client, base) = (client(), server.url());
     for body in [
         r#"{"api_key":"any","api_secret":"thing"}"#,
         r#"{"api_key":"any","secret_key":"thing"}"#,
+        r#"{"secret_key":"public-api-form"}"#,
     ] {
         let (status, reply) = post_token(&client, &base, body).await;
         assert_eq!(status, 200, "{body}: {reply}");
     }
     for body in [
         r#"{"api_key":"any"}"#,
-        r#"{"api_key":"","api_secret":"thing"}"#,
         r#"{"api_key":"any","api_secret":"","secret_key":""}"#,
         "{}",
     ] {

@@ -124,8 +124,9 @@ impl ArmisClient {
                 .filter(|v| !v.is_empty())
                 .map(str::to_owned)
         };
-        let api_key = non_empty("api_key")
-            .ok_or_else(|| FetchError::Config("credentials.api_key is required".into()))?;
+        // ServiceRadar sends api_key and api_secret; the public Armis API
+        // only needs secret_key. Keys go out only when non-empty.
+        let api_key = non_empty("api_key").unwrap_or_default();
         let api_secret = non_empty("api_secret").unwrap_or_default();
         let secret_key = non_empty("secret_key").unwrap_or_else(|| api_secret.clone());
         if secret_key.is_empty() {
@@ -325,7 +326,9 @@ impl ArmisClient {
         let request = format!("POST {TOKEN_PATH}");
         let c = &self.inner.credentials;
         let mut body = serde_json::Map::new();
-        body.insert("api_key".into(), c.api_key.clone().into());
+        if !c.api_key.is_empty() {
+            body.insert("api_key".into(), c.api_key.clone().into());
+        }
         if !c.api_secret.is_empty() {
             body.insert("api_secret".into(), c.api_secret.clone().into());
         }

@@ -6,8 +6,9 @@
 //! - `POST /api/v1/access_token/` with a JSON body holding `api_key` and
 //!   `api_secret` and/or `secret_key`. With an expected key / secret
 //!   configured they must match (the secret may come in either field);
-//!   without, any non-empty `api_key` plus a non-empty `api_secret` or
-//!   `secret_key` is accepted. Failure is HTTP 400
+//!   without, any non-empty `api_secret` or `secret_key` is accepted, with
+//!   or without an `api_key` (the public Armis API needs only
+//!   `secret_key`). Failure is HTTP 400
 //!   `{"message":"Invalid secret key","success":false}`; success returns a
 //!   random token valid for the configured TTL and its `expiration_utc`.
 //! - `GET /api/v1/search/?aql=…&from=N&length=M` with
@@ -382,8 +383,9 @@ impl Shared {
         ];
         let key_ok = match (&self.api_key, key) {
             (Some(expected), Some(given)) => constant_time_eq(expected, given),
-            (None, Some(_)) => true,
-            (_, None) => false,
+            (Some(_), None) => false,
+            // No expected key: the public API form sends none.
+            (None, _) => true,
         };
         let secret_ok = match &self.api_secret {
             Some(expected) => secrets
@@ -989,8 +991,8 @@ mod tests {
         assert!(open.credentials_ok(&req(Some("k"), Some("s"), None)));
         assert!(open.credentials_ok(&req(Some("k"), None, Some("s"))));
         assert!(!open.credentials_ok(&req(Some("k"), Some(""), None)));
-        assert!(!open.credentials_ok(&req(None, Some("s"), None)));
-        assert!(!open.credentials_ok(&req(Some(""), Some("s"), Some("s"))));
+        assert!(open.credentials_ok(&req(None, None, Some("s"))));
+        assert!(!open.credentials_ok(&req(None, None, None)));
 
         let closed = shared(Some("k"), Some("s"));
         assert!(closed.credentials_ok(&req(Some("k"), Some("s"), None)));
