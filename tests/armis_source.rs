@@ -49,6 +49,19 @@ fn device(id: u64) -> Value {
         "riskLevel": 0, "tags": [], "customProperties": null, "site": null})
 }
 
+/// An Armis with a token issuer and a first page (device 1) whose `next`
+/// is `next`; the test mounts what follows.
+async fn first_page_then(next: Value) -> MockServer {
+    let server = MockServer::start().await;
+    TokenIssuer::hour().mount(&server).await;
+    search()
+        .and(query_param("from", "0"))
+        .respond_with(page(json!([device(1)]), next))
+        .mount(&server)
+        .await;
+    server
+}
+
 /// A mock of the search endpoint, to refine with matchers.
 fn search() -> MockBuilder {
     Mock::given(method("GET")).and(path(SEARCH))
@@ -389,13 +402,7 @@ async fn server_errors_are_retried_then_succeed() {
 
 #[tokio::test]
 async fn persistent_server_errors_fail_the_run_and_name_the_request() {
-    let server = MockServer::start().await;
-    TokenIssuer::hour().mount(&server).await;
-    search()
-        .and(query_param("from", "0"))
-        .respond_with(page(json!([device(1)]), json!(1)))
-        .mount(&server)
-        .await;
+    let server = first_page_then(json!(1)).await;
     search()
         .respond_with(ResponseTemplate::new(502).set_body_string("bad gateway"))
         .mount(&server)
@@ -431,13 +438,7 @@ async fn an_unreachable_api_is_a_network_error() {
 
 #[tokio::test]
 async fn truncated_json_fails_the_run_and_stages_nothing() {
-    let server = MockServer::start().await;
-    TokenIssuer::hour().mount(&server).await;
-    search()
-        .and(query_param("from", "0"))
-        .respond_with(page(json!([device(1)]), json!(1)))
-        .mount(&server)
-        .await;
+    let server = first_page_then(json!(1)).await;
     let full = json!({"data": {"next": null, "results": [device(2), device(3)]}}).to_string();
     search()
         .and(query_param("from", "1"))
