@@ -117,6 +117,10 @@ pub struct SourceHttpPolicy {
     pub max_body_bytes: usize,
 }
 
+/// Smallest `source_http.max_body_bytes` accepted: below it even a token
+/// answer or a small page would be refused.
+const MIN_BODY_BYTES: usize = 64 * 1024;
+
 impl Default for SourceHttpPolicy {
     fn default() -> Self {
         Self {
@@ -355,6 +359,11 @@ impl Bootstrap {
         if raw.source_http.retry_cap < raw.source_http.retry_base {
             return Err("source_http.retry_cap must not be below retry_base".into());
         }
+        if raw.source_http.max_body_bytes < MIN_BODY_BYTES {
+            return Err(format!(
+                "source_http.max_body_bytes must be at least {MIN_BODY_BYTES} (one API page)"
+            ));
+        }
         if restart.max_restarts == 0 {
             return Err("restart_policy.max_restarts must be at least 1".into());
         }
@@ -487,10 +496,42 @@ mod tests {
                 r#"{"agent_id":"a","gateway_addr":"gw:1","allow_plaintext_dev":true,"restart_policy":{"window":"soon"}}"#,
                 "soon",
             ),
+            (
+                r#"{"agent_id":"a","gateway_addr":"gw:1","allow_plaintext_dev":true,"source_http":{"request_timeout":"0s"}}"#,
+                "source_http.request_timeout",
+            ),
+            (
+                r#"{"agent_id":"a","gateway_addr":"gw:1","allow_plaintext_dev":true,"source_http":{"max_body_bytes":100}}"#,
+                "source_http.max_body_bytes",
+            ),
+            (
+                r#"{"agent_id":"a","gateway_addr":"gw:1","allow_plaintext_dev":true,"source_http":{"retry_base":"1m","retry_cap":"1s"}}"#,
+                "source_http.retry_cap",
+            ),
         ] {
             let err = Bootstrap::parse(text, Path::new(".")).unwrap_err();
             assert!(err.contains(needle), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn source_http_policy_defaults_and_overrides() {
+        let b = Bootstrap::parse(
+            r#"{"agent_id":"a","gateway_addr":"gw:1","allow_plaintext_dev":true}"#,
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(b.source_http, SourceHttpPolicy::default());
+        let text = r#"{"agent_id":"a","gateway_addr":"gw:1","allow_plaintext_dev":true,
+            "source_http":{"request_timeout":"10s","max_retries":2,"retry_base":"100ms","retry_cap":"5s"}}"#;
+        let b = Bootstrap::parse(text, Path::new(".")).unwrap();
+        assert_eq!(b.source_http.request_timeout, Duration::from_secs(10));
+        assert_eq!(
+            (b.source_http.max_retries, b.source_http.retry_cap),
+            (2, Duration::from_secs(5))
+        );
+        // Only the plaintext warning: the keys are known.
+        assert_eq!(b.warnings.len(), 1, "{:?}", b.warnings);
     }
 
     #[test]
