@@ -37,6 +37,10 @@ enum Command {
         /// Gateway config file (JSON).
         #[arg(long, short)]
         config: PathBuf,
+        /// Administration against the gateway's database instead of running
+        /// the gateway.
+        #[command(subcommand)]
+        admin: Option<gateway::cli::Admin>,
     },
     /// Start a gateway and an agent on loopback mTLS and sync Faker devices.
     Demo(demo::DemoArgs),
@@ -108,10 +112,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             init_logging(level, bootstrap.log_level.as_deref());
             serviceradar_agent::agent::run(bootstrap)
         }
-        Some(Command::Gateway { config }) => {
+        Some(Command::Gateway { config, admin }) => {
             init_logging(level, None);
             let runtime = tokio::runtime::Runtime::new().context("starting the gateway runtime")?;
-            runtime.block_on(gateway::run_from_file(&config))?;
+            match admin {
+                None => runtime.block_on(gateway::run_from_file(&config))?,
+                Some(admin) => runtime.block_on(gateway::cli::admin(&config, admin))?,
+            }
             Ok(0)
         }
         Some(Command::Demo(args)) => {

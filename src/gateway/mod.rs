@@ -10,12 +10,13 @@
 //!   ControlStream registry, per-agent config rendering and the TLS acceptor.
 
 mod agents;
-mod cli;
+pub mod cli;
 pub mod config;
 mod control;
 pub mod identity;
 pub mod ingest;
 mod listener;
+pub mod registry;
 mod server;
 mod sink;
 pub mod store;
@@ -201,6 +202,7 @@ pub(crate) struct Shared {
     pub events: broadcast::Sender<GatewayEvent>,
     pub stats: StatsCounters,
     pub sink: sink::Sink,
+    pub registry: registry::Registry,
 }
 
 impl Shared {
@@ -234,6 +236,7 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         source,
     })?;
 
+    let registry = registry::Registry::load(sink.store()).await?;
     let (events, _) = broadcast::channel(EVENT_CAPACITY);
     let shared = Arc::new(Shared {
         gateway_id: config.gateway_id.clone(),
@@ -244,6 +247,7 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         events,
         stats: StatsCounters::default(),
         sink,
+        registry,
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -339,6 +343,11 @@ impl GatewayHandle {
     /// The device store; `None` in validate-only mode.
     pub fn store(&self) -> Option<Store> {
         self.shared.sink.store()
+    }
+
+    /// The agent registry (gateway.md §2), ordered by (tenant, agent_id).
+    pub fn agents(&self) -> Vec<registry::AgentRecord> {
+        self.shared.registry.list()
     }
 
     pub fn stats(&self) -> GatewayStats {

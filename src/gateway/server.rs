@@ -12,6 +12,7 @@ use super::agents::RenderedConfig;
 use super::control::Registration;
 use super::identity::{identity_from_der, PeerIdentity, AGENT_COMPONENT};
 use super::ingest::{parse_results, UpdatePolicy};
+use super::registry::AgentRecord;
 use super::sink::StreamSession;
 use super::validate::{self, StreamValidator, Violation, RESULTS_SOURCE};
 use super::{GatewayEvent, Shared, StatsCounters};
@@ -128,6 +129,7 @@ impl Rejection {
 
 /// Counts of one accepted stream.
 struct StreamSummary {
+    tenant: String,
     agent_id: String,
     chunks: u32,
     accepted: u64,
@@ -240,6 +242,7 @@ impl GatewayService {
             });
         }
         Ok(StreamSummary {
+            tenant: identity.tenant.clone(),
             agent_id,
             chunks,
             accepted,
@@ -323,6 +326,24 @@ impl AgentGatewayService for GatewayService {
         let current = self.shared.agents.render(&identity.component_id);
         tracing::info!(agent_id = %identity.component_id, partition = %identity.partition,
             version = %hello.version, "agent hello");
+        // Identity from the certificate; the rest is what the agent says
+        // about itself.
+        let now = unix_secs();
+        self.shared
+            .registry
+            .hello(AgentRecord {
+                tenant: identity.tenant.clone(),
+                agent_id: identity.component_id.clone(),
+                partition: identity.partition.clone(),
+                version: hello.version.clone(),
+                hostname: hello.hostname.clone(),
+                os: hello.os.clone(),
+                arch: hello.arch.clone(),
+                capabilities: hello.capabilities.clone(),
+                first_seen: now,
+                last_seen: now,
+            })
+            .await;
         self.shared.emit(GatewayEvent::Hello {
             agent_id: identity.component_id.clone(),
             partition: identity.partition.clone(),
@@ -393,6 +414,10 @@ impl AgentGatewayService for GatewayService {
             return Err(Status::invalid_argument("no valid service statuses"));
         }
         StatsCounters::add(&self.shared.stats.heartbeats, 1);
+        self.shared
+            .registry
+            .seen(&identity.tenant, &agent_id, unix_secs())
+            .await;
         self.shared.emit(GatewayEvent::Heartbeat { agent_id });
         Ok(Response::new(GatewayStatusResponse { received: true }))
     }
@@ -410,6 +435,10 @@ impl AgentGatewayService for GatewayService {
                 StatsCounters::add(&stats.devices_rejected, summary.rejected);
                 tracing::debug!(agent_id = %summary.agent_id, chunks = summary.chunks,
                     devices = summary.accepted, rejected = summary.rejected, "stream accepted");
+                self.shared
+                    .registry
+                    .seen(&summary.tenant, &summary.agent_id, unix_secs())
+                    .await;
                 self.shared.emit(GatewayEvent::StreamAccepted {
                     agent_id: summary.agent_id,
                     chunks: summary.chunks,

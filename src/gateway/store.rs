@@ -18,9 +18,10 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::{Map, Value};
 
 use super::ingest::{ChunkPart, StagedDevice};
+use super::registry::AgentRecord;
 use crate::clock::unix_secs;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE staged_chunks (
@@ -264,6 +265,70 @@ impl Store {
         .map(|n| n as u64)
     }
 
+    /// Registers or refreshes an agent; `first_seen` of a known agent is
+    /// kept. Returns the stored record.
+    pub async fn upsert_agent(&self, agent: AgentRecord) -> Result<AgentRecord, StoreError> {
+        let capabilities =
+            serde_json::to_string(&agent.capabilities).unwrap_or_else(|_| "[]".to_owned());
+        self.read(move |c| {
+            c.execute(
+                "INSERT INTO agents (tenant, agent_id, partition, version, hostname, os, arch,
+                                     capabilities, first_seen, last_seen)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (tenant, agent_id) DO UPDATE SET
+                    partition = excluded.partition, version = excluded.version,
+                    hostname = excluded.hostname, os = excluded.os, arch = excluded.arch,
+                    capabilities = excluded.capabilities, last_seen = excluded.last_seen",
+                params![
+                    agent.tenant,
+                    agent.agent_id,
+                    agent.partition,
+                    agent.version,
+                    agent.hostname,
+                    agent.os,
+                    agent.arch,
+                    capabilities,
+                    agent.first_seen,
+                    agent.last_seen
+                ],
+            )?;
+            c.query_row(
+                &format!("{AGENT_COLUMNS} WHERE tenant = ?1 AND agent_id = ?2"),
+                params![agent.tenant, agent.agent_id],
+                agent_row,
+            )
+        })
+        .await
+    }
+
+    /// Moves an agent's `last_seen` forward (never back).
+    pub async fn touch_agent(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        let (tenant, agent_id) = (tenant.to_owned(), agent_id.to_owned());
+        self.read(move |c| {
+            c.execute(
+                "UPDATE agents SET last_seen = MAX(last_seen, ?3) WHERE tenant = ?1 AND agent_id = ?2",
+                params![tenant, agent_id, at],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Every registered agent, ordered by (tenant, agent_id).
+    pub async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare(&format!("{AGENT_COLUMNS} ORDER BY tenant, agent_id"))?;
+            let rows = stmt.query_map([], agent_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -505,12 +570,50 @@ impl Store {
     }
 }
 
+const AGENT_COLUMNS: &str = "SELECT tenant, agent_id, partition, version, hostname, os, arch,
+    capabilities, first_seen, last_seen FROM agents";
+
+fn agent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRecord> {
+    let capabilities: String = r.get(7)?;
+    Ok(AgentRecord {
+        tenant: r.get(0)?,
+        agent_id: r.get(1)?,
+        partition: r.get(2)?,
+        version: r.get(3)?,
+        hostname: r.get(4)?,
+        os: r.get(5)?,
+        arch: r.get(6)?,
+        // Written by this module as a JSON array; anything else reads as none.
+        capabilities: serde_json::from_str(&capabilities).unwrap_or_default(),
+        first_seen: r.get(8)?,
+        last_seen: r.get(9)?,
+    })
+}
+
 fn metadata_json(metadata: &Map<String, Value>) -> String {
     // Serialising a Map of Values cannot fail (string keys only).
     serde_json::to_string(metadata).unwrap_or_else(|_| "{}".to_owned())
 }
 
-/// `user_version`-based migration: 0 → 1 creates the schema.
+/// Version 2: the agent registry (gateway.md §2).
+const SCHEMA_V2: &str = "
+CREATE TABLE agents (
+    tenant       TEXT    NOT NULL,
+    agent_id     TEXT    NOT NULL,
+    partition    TEXT    NOT NULL,
+    version      TEXT    NOT NULL,
+    hostname     TEXT    NOT NULL,
+    os           TEXT    NOT NULL,
+    arch         TEXT    NOT NULL,
+    capabilities TEXT    NOT NULL,   -- JSON array of strings
+    first_seen   INTEGER NOT NULL,
+    last_seen    INTEGER NOT NULL,
+    PRIMARY KEY (tenant, agent_id)
+);
+";
+
+/// `user_version`-based migration: 0 → 1 creates the schema, 1 → 2 adds the
+/// agent registry. Each step is one transaction.
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let sql = |source| StoreError::Sqlite {
         path: path.to_owned(),
@@ -525,12 +628,13 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             found: version,
         });
     }
-    if version < 1 {
-        let tx = conn.transaction().map_err(sql)?;
-        tx.execute_batch(SCHEMA_V1).map_err(sql)?;
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(sql)?;
-        tx.commit().map_err(sql)?;
+    for (step, schema) in [(1, SCHEMA_V1), (2, SCHEMA_V2)] {
+        if version < step {
+            let tx = conn.transaction().map_err(sql)?;
+            tx.execute_batch(schema).map_err(sql)?;
+            tx.pragma_update(None, "user_version", step).map_err(sql)?;
+            tx.commit().map_err(sql)?;
+        }
     }
     Ok(())
 }
@@ -642,6 +746,32 @@ mod tests {
         assert_eq!(devices.len(), 2);
         assert_eq!(devices[0].metadata, json!({"k":"v"}));
         assert_eq!(devices[0].last_run_id, "r");
+    }
+
+    #[tokio::test]
+    async fn a_version_1_database_gains_the_agent_registry_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO devices (tenant, partition, source, device_key, metadata, agent_id,
+                                      first_seen, last_seen, last_run_id)
+                 VALUES ('default', 'p', 'armis', '7', '{}', 'a', 1, 1, 'r')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.device_count().await.unwrap(), 1);
+        assert!(store.agents().await.unwrap().is_empty());
+        let version: i64 = store
+            .read(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
     }
 
     #[tokio::test]
