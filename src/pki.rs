@@ -1,7 +1,7 @@
 //! A development PKI: one CA, a gateway server certificate and agent client
-//! certificates in the naming scheme the gateway understands
-//! (CN `<agent_id>.<partition>.serviceradar`, URI SAN
-//! `spiffe://serviceradar.local/agent/<partition>/<agent_id>`).
+//! certificates in the naming scheme the gateway understands (CN
+//! `<agent_id>.<partition>.serviceradar`, the single-tenant edge form; no
+//! SPIFFE URI SAN, which would make the agent a platform identity).
 //!
 //! Used by `serviceradar-agent certs`, by the demo and by the tests. Keys are
 //! written with mode 0600.
@@ -142,8 +142,10 @@ impl DevCa {
         self.sign(params)
     }
 
-    /// A client certificate for an agent: CN `<agent_id>.<partition>.serviceradar`
-    /// and URI SAN `spiffe://serviceradar.local/agent/<partition>/<agent_id>`.
+    /// A client certificate for an agent: CN `<agent_id>.<partition>.serviceradar`,
+    /// the single-tenant edge form (gateway.md §1), and no SPIFFE URI SAN: a
+    /// SPIFFE identity is a *platform* identity, which never gets tenant sync
+    /// configuration.
     pub fn issue_agent(
         &self,
         agent_id: &str,
@@ -154,12 +156,7 @@ impl DevCa {
                 return Err(PkiError::Name(part.to_owned()));
             }
         }
-        self.issue_client(
-            &format!("{agent_id}.{partition}.serviceradar"),
-            Some(&format!(
-                "spiffe://{TRUST_DOMAIN}/agent/{partition}/{agent_id}"
-            )),
-        )
+        self.issue_client(&format!("{agent_id}.{partition}.serviceradar"), None)
     }
 
     /// A client certificate with an arbitrary CN and optional URI SAN (tests use
@@ -252,7 +249,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn agent_certificates_carry_the_cn_and_spiffe_san_the_gateway_reads() {
+    fn agent_certificates_carry_the_edge_cn_and_no_spiffe_san() {
         let ca = DevCa::generate("test CA").unwrap();
         let (pem, _key) = ca.issue_agent("edge-01", "site-a").unwrap();
         let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
@@ -265,17 +262,26 @@ mod tests {
             .as_str()
             .unwrap();
         assert_eq!(cn, "edge-01.site-a.serviceradar");
-        let san = cert.subject_alternative_name().unwrap().unwrap();
-        let uris: Vec<_> = san
-            .value
-            .general_names
-            .iter()
-            .filter_map(|n| match n {
-                GeneralName::URI(u) => Some(*u),
-                _ => None,
+        let uris: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        GeneralName::URI(u) => Some(u.to_string()),
+                        _ => None,
+                    })
+                    .collect()
             })
-            .collect();
-        assert_eq!(uris, ["spiffe://serviceradar.local/agent/site-a/edge-01"]);
+            .unwrap_or_default();
+        assert!(uris.is_empty(), "{uris:?}");
+        let identity = crate::gateway::identity::identity_from_der(&der).unwrap();
+        assert_eq!(
+            identity.kind,
+            crate::gateway::identity::IdentityKind::SingleTenant
+        );
     }
 
     #[test]

@@ -493,3 +493,56 @@ async fn push_status_heartbeats_and_run_reports() {
     assert_eq!(gw.stats().heartbeats, 2);
     gw.shutdown().await;
 }
+
+/// gateway.md §1: a SPIFFE (platform) identity of type `agent` may say Hello,
+/// but never gets tenant sync configuration, by GetConfig or ControlStream.
+#[tokio::test]
+async fn platform_identity_gets_no_sync_configuration() {
+    tls::install_crypto_provider();
+    let pki = TestPki::new();
+    let gw = start(pki.gateway_config(false)).await;
+    let files = pki.client(
+        "platform-agent",
+        "agent-p.default.serviceradar",
+        Some("spiffe://serviceradar.local/agent/default/agent-p"),
+    );
+    let mut client = connect(gw.local_addr(), &files).await.unwrap();
+    assert!(client.hello(hello("agent-p")).await.is_ok());
+    let err = client
+        .get_config(AgentConfigRequest {
+            agent_id: "agent-p".into(),
+            config_version: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("platform"), "{}", err.message());
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<ControlStreamRequest>(8);
+    tx.send(ControlStreamRequest {
+        payload: Some(Up::Hello(ControlStreamHello {
+            agent_id: "agent-p".into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let err = client
+        .control_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // The same agent with a tenant (CN-only) certificate gets its config.
+    let mut client = connect(gw.local_addr(), &pki.agent("agent-p", "default"))
+        .await
+        .unwrap();
+    assert!(client
+        .get_config(AgentConfigRequest {
+            agent_id: "agent-p".into(),
+            config_version: String::new(),
+        })
+        .await
+        .is_ok());
+    gw.shutdown().await;
+}

@@ -187,9 +187,14 @@ mod tests {
     }
 
     #[test]
-    fn dev_agent_cert_is_a_platform_agent_identity() {
+    fn a_spiffe_agent_cert_is_a_platform_agent_identity() {
         let ca = DevCa::generate("test ca").unwrap();
-        let (pem, _) = ca.issue_agent("agent-edge-01", "site-a").unwrap();
+        let (pem, _) = ca
+            .issue_client(
+                "agent-edge-01.site-a.serviceradar",
+                Some("spiffe://serviceradar.local/agent/site-a/agent-edge-01"),
+            )
+            .unwrap();
         let id = identity_from_der(&der(&pem)).unwrap();
         assert_eq!(
             id.kind,

@@ -10,7 +10,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::agents::RenderedConfig;
 use super::control::Registration;
-use super::identity::{identity_from_der, PeerIdentity, AGENT_COMPONENT};
+use super::identity::{identity_from_der, IdentityKind, PeerIdentity, AGENT_COMPONENT};
 use super::ingest::{parse_results, UpdatePolicy};
 use super::registry::AgentRecord;
 use super::sink::StreamSession;
@@ -75,6 +75,21 @@ fn identify<T>(request: &Request<T>) -> Result<PeerIdentity, Status> {
         )));
     }
     Ok(identity)
+}
+
+/// Sync configuration belongs to tenants: a platform (SPIFFE) identity never
+/// gets it, and the refusal is logged with who asked and for what
+/// (gateway.md §1: sync never runs as a platform service).
+fn refuse_platform_sync(identity: &PeerIdentity, operation: &str) -> Result<(), Status> {
+    if let IdentityKind::Platform { trust_domain } = &identity.kind {
+        tracing::warn!(component_id = %identity.component_id, partition = %identity.partition,
+            %trust_domain, operation, "platform identity asked for tenant sync configuration: refused");
+        return Err(Status::permission_denied(format!(
+            "{operation}: a platform (SPIFFE) identity gets no tenant sync configuration; \
+             agents that run integrations need a tenant certificate (CN <agent>.<partition>[.<tenant>].serviceradar)"
+        )));
+    }
+    Ok(())
 }
 
 fn check_agent(identity: &PeerIdentity, claimed: &str) -> Result<(), Status> {
@@ -367,6 +382,7 @@ impl AgentGatewayService for GatewayService {
         let identity = identify(&request)?;
         let ask = request.into_inner();
         check_agent(&identity, &ask.agent_id)?;
+        refuse_platform_sync(&identity, "GetConfig")?;
         let agent_id = identity.component_id;
         let rendered = self.shared.agents.render(&agent_id);
         let not_modified = ask.config_version == rendered.version;
@@ -467,6 +483,8 @@ impl AgentGatewayService for GatewayService {
         request: Request<Streaming<ControlStreamRequest>>,
     ) -> Result<Response<Self::ControlStreamStream>, Status> {
         let identity = identify(&request)?;
+        // The ControlStream exists to push sync configuration.
+        refuse_platform_sync(&identity, "ControlStream")?;
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(ControlStreamRequest {
