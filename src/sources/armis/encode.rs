@@ -13,41 +13,17 @@ use std::borrow::Cow;
 use std::io::Write as _;
 
 use ipnet::IpNet;
-use serde::Deserialize;
 
-pub use super::mapping::ValidIps;
 use super::mapping::{choose_ip, parse_mac, IpChoice};
+pub use super::mapping::{ArmisDeviceOf, ValidIps};
 use crate::device::UpdateContext;
 use crate::sources::stager::Skip;
 
-/// An Armis device read from the page body, generic over how its strings
-/// are held. Same fields and rules as [`ArmisDevice`](super::ArmisDevice).
-///
-/// - [`ArmisDeviceFast`]: every string borrowed from the body. Fastest; it
-///   cannot hold a string written with escapes, so such a device fails to
-///   parse this way and is read as an [`ArmisDeviceRef`] instead.
-/// - [`ArmisDeviceRef`]: strings as `Cow`, escapes and all.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", bound(deserialize = "S: Deserialize<'de>"))]
-pub struct ArmisDeviceOf<S> {
-    pub id: Option<i64>,
-    pub ip_address: Option<S>,
-    pub mac_address: Option<S>,
-    pub name: Option<S>,
-    #[serde(rename = "type")]
-    pub device_type: Option<S>,
-    pub category: Option<S>,
-    pub manufacturer: Option<S>,
-    pub model: Option<S>,
-    pub operating_system: Option<S>,
-    pub first_seen: Option<S>,
-    pub last_seen: Option<S>,
-    pub risk_level: Option<i64>,
-    pub boundaries: Option<S>,
-    pub tags: Option<Vec<S>>,
-}
-
+/// Every string borrowed from the page body. Fastest; it cannot hold a
+/// string written with escapes, so such a device fails to parse this way and
+/// is read as an [`ArmisDeviceRef`] instead.
 pub type ArmisDeviceFast<'a> = ArmisDeviceOf<&'a str>;
+/// Strings as `Cow`, escapes and all.
 pub type ArmisDeviceRef<'a> = ArmisDeviceOf<Cow<'a, str>>;
 
 /// A device string as the encoder sees it.

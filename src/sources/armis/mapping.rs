@@ -14,34 +14,41 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::{insert_non_empty, non_empty, DeviceUpdate, UpdateContext};
 
-/// One device as the Armis search API returns it.
+/// One device as the Armis search API returns it, generic over how its
+/// strings are held: [`ArmisDevice`] owns them (the reference mapping, the
+/// Faker generator); the page reader of an Armis run borrows them from the
+/// page body ([`ArmisDeviceFast`](super::encode::ArmisDeviceFast),
+/// [`ArmisDeviceRef`](super::encode::ArmisDeviceRef)).
 ///
 /// Every field is optional because Armis sends `null` for many of them, and
 /// unknown keys (`customProperties`, `site`, …) are ignored. Serializing
 /// writes the Armis key names, which is what the Faker server serves.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct ArmisDevice {
+#[serde(rename_all = "camelCase", bound(deserialize = "S: Deserialize<'de>"))]
+pub struct ArmisDeviceOf<S> {
     pub id: Option<i64>,
     /// One address or a comma-separated list; may be empty.
-    pub ip_address: Option<String>,
+    pub ip_address: Option<S>,
     /// One MAC or a comma-separated list, in any case.
-    pub mac_address: Option<String>,
-    pub name: Option<String>,
+    pub mac_address: Option<S>,
+    pub name: Option<S>,
     #[serde(rename = "type")]
-    pub device_type: Option<String>,
-    pub category: Option<String>,
-    pub manufacturer: Option<String>,
-    pub model: Option<String>,
-    pub operating_system: Option<String>,
+    pub device_type: Option<S>,
+    pub category: Option<S>,
+    pub manufacturer: Option<S>,
+    pub model: Option<S>,
+    pub operating_system: Option<S>,
     /// RFC 3339.
-    pub first_seen: Option<String>,
+    pub first_seen: Option<S>,
     /// RFC 3339.
-    pub last_seen: Option<String>,
+    pub last_seen: Option<S>,
     pub risk_level: Option<i64>,
-    pub boundaries: Option<String>,
-    pub tags: Option<Vec<String>>,
+    pub boundaries: Option<S>,
+    pub tags: Option<Vec<S>>,
 }
+
+/// An Armis device that owns its strings.
+pub type ArmisDevice = ArmisDeviceOf<String>;
 
 /// What became of one source device.
 // Not boxed: a Mapped is returned and matched at once, never stored, and a

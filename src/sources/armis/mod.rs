@@ -13,5 +13,6 @@ pub mod mapping;
 pub mod page;
 
 pub use mapping::{
-    first_valid_mac, format_mac, map_device, map_device_owned, parse_mac, ArmisDevice, Mapped,
+    first_valid_mac, format_mac, map_device, map_device_owned, parse_mac, ArmisDevice,
+    ArmisDeviceOf, Mapped,
 };
