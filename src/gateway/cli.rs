@@ -56,8 +56,13 @@ fn print_agents(agents: &[super::registry::AgentRecord]) -> anyhow::Result<()> {
         let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
         humantime::format_rfc3339_seconds(at).to_string()
     };
-    let mut lines = vec![format!(
-        "{:<16} {:<24} {:<12} {:<10} {:<20} {:<14} {:<21} {:<21} {}",
+    let row = |cols: [&str; 9]| {
+        format!(
+            "{:<16} {:<24} {:<12} {:<10} {:<20} {:<14} {:<21} {:<21} {}",
+            cols[0], cols[1], cols[2], cols[3], cols[4], cols[5], cols[6], cols[7], cols[8]
+        )
+    };
+    let mut lines = vec![row([
         "TENANT",
         "AGENT",
         "PARTITION",
@@ -66,21 +71,25 @@ fn print_agents(agents: &[super::registry::AgentRecord]) -> anyhow::Result<()> {
         "CAPABILITIES",
         "FIRST SEEN",
         "LAST SEEN",
-        "STATUS"
-    )];
+        "STATUS",
+    ])];
     for a in agents {
-        lines.push(format!(
-            "{:<16} {:<24} {:<12} {:<10} {:<20} {:<14} {:<21} {:<21} {}",
-            a.tenant,
-            a.agent_id,
-            a.partition,
-            a.version,
-            a.hostname,
+        let (capabilities, first, last) = (
             a.capabilities.join(","),
             time(a.first_seen),
             time(a.last_seen),
-            if a.online(now) { "online" } else { "offline" }
-        ));
+        );
+        lines.push(row([
+            &a.tenant,
+            &a.agent_id,
+            &a.partition,
+            &a.version,
+            &a.hostname,
+            &capabilities,
+            &first,
+            &last,
+            if a.online(now) { "online" } else { "offline" },
+        ]));
     }
     for line in lines {
         print_line(&line)?;

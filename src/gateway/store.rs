@@ -266,8 +266,8 @@ impl Store {
     }
 
     /// Registers or refreshes an agent; `first_seen` of a known agent is
-    /// kept. Returns the stored record.
-    pub async fn upsert_agent(&self, agent: AgentRecord) -> Result<AgentRecord, StoreError> {
+    /// kept.
+    pub async fn upsert_agent(&self, agent: AgentRecord) -> Result<(), StoreError> {
         let capabilities =
             serde_json::to_string(&agent.capabilities).unwrap_or_else(|_| "[]".to_owned());
         self.read(move |c| {
@@ -291,12 +291,8 @@ impl Store {
                     agent.first_seen,
                     agent.last_seen
                 ],
-            )?;
-            c.query_row(
-                &format!("{AGENT_COLUMNS} WHERE tenant = ?1 AND agent_id = ?2"),
-                params![agent.tenant, agent.agent_id],
-                agent_row,
             )
+            .map(|_| ())
         })
         .await
     }
