@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use serviceradar_agent::config::bootstrap::SourceHttpPolicy;
 use serviceradar_agent::device::DeviceUpdate;
 use serviceradar_agent::sources::armis::client::ArmisClient;
 use serviceradar_agent::sources::runner::RunFailure;
@@ -39,6 +40,16 @@ fn client(server: &MockServer, fields: Value) -> ArmisClient {
         fast_policy(),
     )
     .expect("client builds")
+}
+
+/// A client with the default credentials at `endpoint` under `policy`.
+fn client_with(endpoint: &str, policy: SourceHttpPolicy) -> ArmisClient {
+    let config = source_config(
+        "armis",
+        endpoint,
+        json!({"credentials": credentials(json!({}))}),
+    );
+    ArmisClient::new(&config, policy).expect("client builds")
 }
 
 /// An Armis device with a unique address.
@@ -353,12 +364,7 @@ async fn rate_limit_honours_retry_after() {
         .await;
     let mut policy = fast_policy();
     policy.retry_after_cap = Duration::from_secs(5);
-    let config = source_config(
-        "armis",
-        &server.uri(),
-        json!({"credentials": credentials(json!({}))}),
-    );
-    let client = ArmisClient::new(&config, policy).expect("client");
+    let client = client_with(&server.uri(), policy);
     let started = Instant::now();
     let output = client
         .run(Staging::new().job("armis", &[], false))
@@ -424,12 +430,7 @@ async fn an_unreachable_api_is_a_network_error() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let uri = format!("http://{}", listener.local_addr().expect("addr"));
     drop(listener);
-    let config = source_config(
-        "armis",
-        &uri,
-        json!({"credentials": credentials(json!({}))}),
-    );
-    let client = ArmisClient::new(&config, fast_policy()).expect("client");
+    let client = client_with(&uri, fast_policy());
     let staging = Staging::new();
     let failure = run_err(&client, &staging).await;
     assert_eq!(failure.error.kind(), "network");
@@ -671,12 +672,7 @@ async fn a_request_over_its_timeout_is_retried() {
         .await;
     let mut policy = fast_policy();
     policy.request_timeout = Duration::from_millis(200);
-    let config = source_config(
-        "armis",
-        &server.uri(),
-        json!({"credentials": credentials(json!({}))}),
-    );
-    let client = ArmisClient::new(&config, policy).expect("client");
+    let client = client_with(&server.uri(), policy);
     let output = client
         .run(Staging::new().job("armis", &[], false))
         .await
