@@ -146,6 +146,7 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<i32> {
             heartbeat_interval_sec: 30,
             config_poll_interval_sec: 3600,
             agents: BTreeMap::from([(AGENT_ID.to_owned(), AgentSources { sources })]),
+            ..GatewayConfig::default()
         })
         .await?;
         let agent_dir = args.state_dir.join(format!("agent-{n}"));

@@ -165,6 +165,12 @@ async fn run_in_system(args: DemoArgs) -> anyhow::Result<i32> {
         heartbeat_interval_sec: 30,
         config_poll_interval_sec: 300,
         agents: BTreeMap::from([(AGENT_ID.to_owned(), AgentSources { sources })]),
+        // A demo: the credentials key is generated next to the database.
+        credentials_key: gateway::secrets::KeySettings {
+            key_file: None,
+            dev_key_file: Some(state.join("gateway.dev-credentials.key")),
+        },
+        ..GatewayConfig::default()
     };
     let gw = gateway::start(config)
         .await

@@ -103,16 +103,64 @@ impl DevCa {
                 reason: e.to_string(),
             })
         };
-        let cert_pem = read(cert)?;
-        let key = KeyPair::from_pem(&read(key)?).map_err(|e| PkiError::ReadCa {
-            path: key.to_owned(),
+        let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+        Self::from_pem(&cert_pem, &key_pem).map_err(|e| match e {
+            PkiError::ReadCa { path, reason } if path == Path::new("(key)") => PkiError::ReadCa {
+                path: key.to_owned(),
+                reason,
+            },
+            PkiError::ReadCa { reason, .. } => PkiError::ReadCa {
+                path: cert.to_owned(),
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    /// A CA from its certificate and private key in PEM (errors name
+    /// `(certificate)` or `(key)`; [`DevCa::load`] replaces them by paths).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::ReadCa {
+            path: PathBuf::from("(key)"),
             reason: e.to_string(),
         })?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| PkiError::ReadCa {
-            path: cert.to_owned(),
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| PkiError::ReadCa {
+            path: PathBuf::from("(certificate)"),
             reason: e.to_string(),
         })?;
-        Ok(Self { issuer, cert_pem })
+        Ok(Self {
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+        })
+    }
+
+    /// The private key in PEM (to seal and store an intermediate's key).
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// An intermediate CA signed by this one, allowed to issue end-entity
+    /// certificates only (path length 0): a tenant's CA (gateway.md §1).
+    pub fn issue_intermediate(&self, common_name: &str) -> Result<DevCa, PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "ServiceRadar tenant CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate()?;
+        let cert_pem = params.signed_by(&key, &self.issuer)?.pem();
+        Ok(DevCa {
+            issuer: Issuer::new(params, key),
+            cert_pem,
+        })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -159,6 +207,26 @@ impl DevCa {
         self.issue_client(&format!("{agent_id}.{partition}.serviceradar"), None)
     }
 
+    /// A client certificate for an agent of a tenant: CN
+    /// `<agent_id>.<partition>.<tenant_slug>.serviceradar`, the tenant edge
+    /// form (gateway.md §1).
+    pub fn issue_tenant_agent(
+        &self,
+        agent_id: &str,
+        partition: &str,
+        tenant_slug: &str,
+    ) -> Result<(String, String), PkiError> {
+        for part in [agent_id, partition, tenant_slug] {
+            if part.is_empty() || part.contains('.') || part.contains('/') {
+                return Err(PkiError::Name(part.to_owned()));
+            }
+        }
+        self.issue_client(
+            &format!("{agent_id}.{partition}.{tenant_slug}.serviceradar"),
+            None,
+        )
+    }
+
     /// A client certificate with an arbitrary CN and optional URI SAN (tests use
     /// it to build certificates the gateway must reject).
     pub fn issue_client(
@@ -194,7 +262,8 @@ pub fn write_pair(files: &TlsFiles, pair: &(String, String)) -> Result<(), PkiEr
     write_file(&files.key_file, &pair.1, true)
 }
 
-fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError> {
+/// Writes a file; `secret` files get mode 0600 from creation.
+pub fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError> {
     let err = |source| PkiError::Write {
         path: path.to_owned(),
         source,

@@ -89,7 +89,7 @@ fn gateway_and_agent_binaries_sync_over_mtls() {
         json!({
             "listen": "127.0.0.1:0", "gateway_id": "gw-cli",
             "tls": {"cert_dir": "certs", "cert_file": "gateway.pem", "key_file": "gateway-key.pem", "ca_file": "ca.pem"},
-            "database": "gateway.db",
+            "database": "gateway.db", "dev_insecure_credentials_key": true,
             "agents": {"edge-01": {"sources": {"Faker CLI": {"type": "faker",
                 "credentials": {"total_devices": "3000", "seed": "9"}, "discovery_interval": "1h"}}}}
         })

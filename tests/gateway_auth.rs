@@ -49,6 +49,7 @@ async fn hello_identity_comes_from_the_certificate() {
             agent_id,
             partition,
             capabilities,
+            ..
         } if agent_id == "agent-1" => Some((partition.clone(), capabilities.clone())),
         _ => None,
     })

@@ -4,8 +4,14 @@
 //! {"listen":"127.0.0.1:50052","gateway_id":"gw-local",
 //!  "tls":{"cert_dir":"/etc/sr","cert_file":"gateway.pem","key_file":"gateway-key.pem","ca_file":"ca.pem"},
 //!  "allow_tls12":false,"database":"gateway.db","heartbeat_interval_sec":30,"config_poll_interval_sec":300,
+//!  "credentials_key_file":"gateway.key","platform_tenant_slug":"platform","default_tenant":"default",
+//!  "admin":{"listen":"127.0.0.1:50053","token_file":"admin.token"},
+//!  "onboarding":{"ca_cert_file":"certs/ca.pem","ca_key_file":"certs/ca-key.pem","gateway_addr":"gw.example.com:50052"},
 //!  "agents":{"agent-edge-01":{"sources":{"Demo Faker":{"type":"faker","credentials":{"total_devices":"10000"}}}}}}
 //! ```
+//!
+//! `agents` pins sources to agents of the default tenant in the file itself;
+//! database sources are managed with the admin CLI/API.
 //!
 //! Parsed field by field from a `serde_json::Value` (not derived) so that every
 //! error names the file and the exact field. Relative paths resolve against the
@@ -17,6 +23,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use super::secrets::KeySettings;
+use super::tenancy::{self, TenancySettings};
 use super::GatewayError;
 use crate::tls::TlsFiles;
 
@@ -25,7 +33,21 @@ pub const DEFAULT_GATEWAY_ID: &str = "agent-gateway";
 pub const DEFAULT_HEARTBEAT_INTERVAL_SEC: i32 = 30;
 pub const DEFAULT_CONFIG_POLL_INTERVAL_SEC: i32 = 300;
 
+/// Default address of the HTTP admin API (loopback: put a TLS proxy in
+/// front, or bind elsewhere deliberately).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:50053";
+/// Environment variable with the admin API's bearer token (wins over
+/// `admin.token_file`).
+pub const ADMIN_TOKEN_ENV: &str = "SERVICERADAR_GATEWAY_ADMIN_TOKEN";
+
 const KNOWN_KEYS: &[&str] = &[
+    "credentials_key_file",
+    "dev_insecure_credentials_key",
+    "platform_tenant_slug",
+    "platform_tenant_id",
+    "default_tenant",
+    "admin",
+    "onboarding",
     "listen",
     "gateway_id",
     "tls",
@@ -49,6 +71,47 @@ pub struct GatewayConfig {
     pub heartbeat_interval_sec: i32,
     pub config_poll_interval_sec: i32,
     pub agents: BTreeMap<String, AgentSources>,
+    pub tenancy: TenancySettings,
+    /// Where the credentials key comes from (needed with a database).
+    pub credentials_key: KeySettings,
+    /// The HTTP admin API; `None` leaves it off.
+    pub admin: Option<AdminApiConfig>,
+    pub onboarding: OnboardingConfig,
+}
+
+/// The HTTP admin API's listener and bearer token.
+#[derive(Clone, Default)]
+pub struct AdminApiConfig {
+    pub listen: String,
+    /// File holding the token; [`ADMIN_TOKEN_ENV`] wins when set.
+    pub token_file: Option<PathBuf>,
+    /// The token itself (set in code by tests and the demo).
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for AdminApiConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminApiConfig")
+            .field("listen", &self.listen)
+            .field("token_file", &self.token_file)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// What `onboard-agent` needs: the CA that signs tenant CAs (it must be the
+/// one in `tls.ca_file`, or chain to it, so that agents' certificates are
+/// accepted), and what to write into bundles.
+#[derive(Clone, Debug, Default)]
+pub struct OnboardingConfig {
+    /// Defaults to `tls.ca_file`.
+    pub ca_cert_file: Option<PathBuf>,
+    pub ca_key_file: Option<PathBuf>,
+    /// `gateway_addr` written into bundles; defaults to `listen`.
+    pub gateway_addr: Option<String>,
+    /// TLS server name written into bundles; defaults to the host of
+    /// `gateway_addr`.
+    pub server_name: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -67,6 +130,10 @@ impl Default for GatewayConfig {
             heartbeat_interval_sec: DEFAULT_HEARTBEAT_INTERVAL_SEC,
             config_poll_interval_sec: DEFAULT_CONFIG_POLL_INTERVAL_SEC,
             agents: BTreeMap::new(),
+            tenancy: TenancySettings::default(),
+            credentials_key: KeySettings::default(),
+            admin: None,
+            onboarding: OnboardingConfig::default(),
         }
     }
 }
@@ -111,14 +178,32 @@ impl GatewayConfig {
         }
         let base = path.parent().unwrap_or(Path::new("")).to_owned();
         let defaults = Self::default();
+        let database: Option<PathBuf> = fields.string(&root, "database")?.map(|db| base.join(db));
+        let credentials_key = KeySettings {
+            key_file: fields
+                .string(&root, "credentials_key_file")?
+                .map(|f| base.join(f)),
+            dev_key_file: match fields.boolean(&root, "dev_insecure_credentials_key")? {
+                Some(true) => database.as_ref().map(|db| {
+                    let mut name = db.as_os_str().to_owned();
+                    name.push(".dev-credentials.key");
+                    PathBuf::from(name)
+                }),
+                _ => None,
+            },
+        };
         Ok(Self {
+            tenancy: fields.tenancy(&root)?,
+            credentials_key,
+            admin: fields.admin(&root, &base)?,
+            onboarding: fields.onboarding(&root, &base)?,
             listen: fields.string(&root, "listen")?.unwrap_or(defaults.listen),
             gateway_id: fields
                 .string(&root, "gateway_id")?
                 .unwrap_or(defaults.gateway_id),
             tls: fields.tls(&root, &base)?,
             allow_tls12: fields.boolean(&root, "allow_tls12")?.unwrap_or(false),
-            database: fields.string(&root, "database")?.map(|db| base.join(db)),
+            database,
             heartbeat_interval_sec: fields
                 .positive(&root, "heartbeat_interval_sec")?
                 .unwrap_or(defaults.heartbeat_interval_sec),
@@ -207,6 +292,93 @@ impl Fields<'_> {
             cert_file: file("cert_file")?,
             key_file: file("key_file")?,
             ca_file: file("ca_file")?,
+        })
+    }
+
+    fn tenancy(&self, root: &Map<String, Value>) -> Result<TenancySettings, GatewayError> {
+        let defaults = TenancySettings::default();
+        let platform_slug = self
+            .string(root, "platform_tenant_slug")?
+            .unwrap_or(defaults.platform_slug);
+        tenancy::validate_slug(&platform_slug)
+            .map_err(|e| self.err("platform_tenant_slug", e.to_string()))?;
+        let default_tenant = self
+            .string(root, "default_tenant")?
+            .unwrap_or(defaults.default_tenant);
+        tenancy::validate_slug(&default_tenant)
+            .map_err(|e| self.err("default_tenant", e.to_string()))?;
+        let platform_tenant_id = self
+            .string(root, "platform_tenant_id")?
+            .map(|id| tenancy::parse_tenant_id(&id))
+            .transpose()
+            .map_err(|e| self.err("platform_tenant_id", e.to_string()))?;
+        let settings = TenancySettings {
+            platform_slug,
+            platform_tenant_id,
+            default_tenant,
+        };
+        if settings.is_reserved(&settings.default_tenant) {
+            return Err(self.err("default_tenant", "reserved slug; choose another"));
+        }
+        Ok(settings)
+    }
+
+    fn object<'m>(
+        &self,
+        root: &'m Map<String, Value>,
+        key: &str,
+        known: &[&str],
+    ) -> Result<Option<&'m Map<String, Value>>, GatewayError> {
+        match root.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(obj)) => {
+                for k in obj.keys().filter(|k| !known.contains(&k.as_str())) {
+                    tracing::warn!(file = %self.path.display(), key = %format!("{key}.{k}"), "unknown gateway config key ignored");
+                }
+                Ok(Some(obj))
+            }
+            Some(_) => Err(self.err(key, "expected an object")),
+        }
+    }
+
+    fn admin(
+        &self,
+        root: &Map<String, Value>,
+        base: &Path,
+    ) -> Result<Option<AdminApiConfig>, GatewayError> {
+        let Some(admin) = self.object(root, "admin", &["listen", "token_file"])? else {
+            return Ok(None);
+        };
+        Ok(Some(AdminApiConfig {
+            listen: self
+                .string_at(admin, "listen", "admin.listen")?
+                .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_owned()),
+            token_file: self
+                .string_at(admin, "token_file", "admin.token_file")?
+                .map(|f| base.join(f)),
+            token: None,
+        }))
+    }
+
+    fn onboarding(
+        &self,
+        root: &Map<String, Value>,
+        base: &Path,
+    ) -> Result<OnboardingConfig, GatewayError> {
+        let known = ["ca_cert_file", "ca_key_file", "gateway_addr", "server_name"];
+        let Some(obj) = self.object(root, "onboarding", &known)? else {
+            return Ok(OnboardingConfig::default());
+        };
+        let file = |key: &str| -> Result<Option<PathBuf>, GatewayError> {
+            Ok(self
+                .string_at(obj, key, &format!("onboarding.{key}"))?
+                .map(|f| base.join(f)))
+        };
+        Ok(OnboardingConfig {
+            ca_cert_file: file("ca_cert_file")?,
+            ca_key_file: file("ca_key_file")?,
+            gateway_addr: self.string_at(obj, "gateway_addr", "onboarding.gateway_addr")?,
+            server_name: self.string_at(obj, "server_name", "onboarding.server_name")?,
         })
     }
 
@@ -317,6 +489,22 @@ mod tests {
                 "agents.x.sources.s",
             ),
             (r#"{"listen":5}"#, "listen"),
+            (
+                r#"{"tls":{"cert_file":"a","key_file":"b","ca_file":"c"},"platform_tenant_id":"00000000-0000-0000-0000-000000000000"}"#,
+                "platform_tenant_id",
+            ),
+            (
+                r#"{"tls":{"cert_file":"a","key_file":"b","ca_file":"c"},"default_tenant":"serviceradar-operator"}"#,
+                "default_tenant",
+            ),
+            (
+                r#"{"tls":{"cert_file":"a","key_file":"b","ca_file":"c"},"platform_tenant_slug":"Not A Slug"}"#,
+                "platform_tenant_slug",
+            ),
+            (
+                r#"{"tls":{"cert_file":"a","key_file":"b","ca_file":"c"},"admin":5}"#,
+                "admin",
+            ),
             ("[1]", "(document)"),
         ];
         for (text, field) in cases {

@@ -22,7 +22,27 @@ const COMMAND_TTL_SECONDS: i64 = 300;
 pub(crate) type ControlSender = mpsc::Sender<Result<ControlStreamResponse, Status>>;
 pub(crate) type ControlReceiver = mpsc::Receiver<Result<ControlStreamResponse, Status>>;
 
+/// An agent is known by its tenant and its id: two tenants may both have an
+/// `agent-1`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct AgentKey {
+    /// Tenant id.
+    pub tenant: String,
+    pub agent_id: String,
+}
+
+impl AgentKey {
+    pub fn new(tenant: &str, agent_id: &str) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            agent_id: agent_id.to_owned(),
+        }
+    }
+}
+
 struct Entry {
+    /// Config version last pushed on this stream (or announced in its hello).
+    version: String,
     /// Distinguishes a reconnected stream from the one it replaced, so the old
     /// stream's cleanup does not unregister the new one.
     connection: u64,
@@ -43,23 +63,24 @@ pub(crate) struct Registration {
 
 #[derive(Default)]
 pub(crate) struct ControlRegistry {
-    streams: Mutex<HashMap<String, Entry>>,
+    streams: Mutex<HashMap<AgentKey, Entry>>,
     next_connection: AtomicU64,
 }
 
 impl ControlRegistry {
     /// Registers a new stream for the agent, replacing (and thereby ending)
     /// any previous one.
-    pub fn register(&self, agent_id: &str) -> Registration {
+    pub fn register(&self, key: &AgentKey, version: &str) -> Registration {
         let (sender, outbound) = mpsc::channel(CONTROL_BUFFER);
         let (closed_tx, closed) = oneshot::channel();
         let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
         let entry = Entry {
+            version: version.to_owned(),
             connection,
             sender,
             _closed: closed_tx,
         };
-        self.lock().insert(agent_id.to_owned(), entry);
+        self.lock().insert(key.clone(), entry);
         Registration {
             connection,
             outbound,
@@ -67,24 +88,39 @@ impl ControlRegistry {
         }
     }
 
-    pub fn unregister(&self, agent_id: &str, connection: u64) {
+    pub fn unregister(&self, key: &AgentKey, connection: u64) {
         let mut streams = self.lock();
-        if streams
-            .get(agent_id)
-            .is_some_and(|e| e.connection == connection)
-        {
-            streams.remove(agent_id);
+        if streams.get(key).is_some_and(|e| e.connection == connection) {
+            streams.remove(key);
         }
     }
 
-    pub fn is_connected(&self, agent_id: &str) -> bool {
-        self.lock().contains_key(agent_id)
+    pub fn is_connected(&self, key: &AgentKey) -> bool {
+        self.lock().contains_key(key)
     }
 
-    pub fn send(&self, agent_id: &str, payload: Payload) -> Result<(), GatewayError> {
+    /// Every agent with an open stream, with the config version it has.
+    pub fn connected(&self) -> Vec<(AgentKey, String)> {
+        self.lock()
+            .iter()
+            .map(|(key, entry)| (key.clone(), entry.version.clone()))
+            .collect()
+    }
+
+    /// Sends a config and records its version as the stream's.
+    pub fn send_config(&self, key: &AgentKey, version: &str, payload: Payload) -> Result<(), GatewayError> {
+        self.send(key, payload)?;
+        if let Some(entry) = self.lock().get_mut(key) {
+            entry.version = version.to_owned();
+        }
+        Ok(())
+    }
+
+    pub fn send(&self, key: &AgentKey, payload: Payload) -> Result<(), GatewayError> {
+        let agent_id = &key.agent_id;
         let streams = self.lock();
         let entry = streams
-            .get(agent_id)
+            .get(key)
             .ok_or_else(|| GatewayError::AgentNotConnected(agent_id.to_owned()))?;
         entry
             .sender
@@ -106,7 +142,7 @@ impl ControlRegistry {
         self.lock().clear();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AgentKey, Entry>> {
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -114,7 +150,7 @@ impl ControlRegistry {
 /// Builds and sends a command; returns its id.
 pub(crate) fn send_command(
     registry: &ControlRegistry,
-    agent_id: &str,
+    key: &AgentKey,
     command_type: &str,
     payload: &serde_json::Value,
 ) -> Result<String, GatewayError> {
@@ -125,7 +161,7 @@ pub(crate) fn send_command(
         .map_err(|e| GatewayError::InvalidCommand(format!("payload: {e}")))?;
     let command_id = uuid::Uuid::new_v4().to_string();
     registry.send(
-        agent_id,
+        key,
         Payload::Command(CommandRequest {
             command_id: command_id.clone(),
             command_type: command_type.to_owned(),
@@ -134,6 +170,6 @@ pub(crate) fn send_command(
             created_at: unix_secs(),
         }),
     )?;
-    tracing::info!(agent_id, command_id = %command_id, command_type, "command sent");
+    tracing::info!(agent_id = %key.agent_id, tenant = %key.tenant, command_id = %command_id, command_type, "command sent");
     Ok(command_id)
 }

@@ -1,14 +1,12 @@
 //! Identity from the client certificate (gateway.md §1). Pure functions on DER
 //! bytes: nothing a client sends in a request body decides who it is.
 //!
-//! First version: single tenant. Every identity maps to [`DEFAULT_TENANT`]; a
-//! tenant slug found in an edge CN or SPIFFE path is recorded, not used.
+//! This module only reads the names; which tenant they mean (slug lookup,
+//! reserved slugs, per-tenant CA binding) is [`super::tenancy`]'s job.
 
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-/// The gateway's one tenant in this version.
-pub const DEFAULT_TENANT: &str = "default";
 /// Partition of a SPIFFE identity whose path carries none (`<type>/<id>`).
 pub const DEFAULT_PARTITION: &str = "default";
 /// The component type allowed to call the agent RPCs.
@@ -37,10 +35,9 @@ pub struct PeerIdentity {
     pub component_type: String,
     pub component_id: String,
     pub partition: String,
-    /// The slug named by the certificate, if any (recorded only in this version).
+    /// The tenant slug a tenant-edge CN names (SPIFFE paths may carry one
+    /// too; platform identities belong to the platform tenant regardless).
     pub tenant_slug: Option<String>,
-    /// The tenant this identity acts in: always [`DEFAULT_TENANT`] for now.
-    pub tenant: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -113,7 +110,6 @@ pub fn parse_spiffe(uri: &str) -> Result<PeerIdentity, IdentityError> {
         component_id: id.to_owned(),
         partition: partition.to_owned(),
         tenant_slug: tenant_slug.map(str::to_owned),
-        tenant: DEFAULT_TENANT.to_owned(),
     })
 }
 
@@ -139,7 +135,6 @@ pub fn parse_common_name(cn: &str) -> Result<PeerIdentity, IdentityError> {
         component_id: id.to_owned(),
         partition: partition.to_owned(),
         tenant_slug,
-        tenant: DEFAULT_TENANT.to_owned(),
     })
 }
 
@@ -205,7 +200,6 @@ mod tests {
         assert_eq!(id.component_type, "agent");
         assert_eq!(id.component_id, "agent-edge-01");
         assert_eq!(id.partition, "site-a");
-        assert_eq!(id.tenant, DEFAULT_TENANT);
     }
 
     #[test]
@@ -228,7 +222,6 @@ mod tests {
         let id = identity_from_der(&der(&pem)).unwrap();
         assert_eq!(id.kind, IdentityKind::TenantEdge);
         assert_eq!(id.tenant_slug.as_deref(), Some("acme"));
-        assert_eq!(id.tenant, DEFAULT_TENANT, "first version: one tenant");
         assert_eq!(id.partition, "dc2");
     }
 

@@ -1,25 +1,39 @@
-//! The gateway side of the wire contract (wire.md, gateway.md §1 and §4), first
-//! version: one default tenant, agents and their sources from a config file.
+//! The gateway side of the wire contract (wire.md, gateway.md §1–4): tenant
+//! identity from certificates, the agent registry, integration sources and
+//! their assignment, ingestion.
 //!
 //! - [`config`]: the gateway's JSON config file.
-//! - [`identity`]: who the peer is, from its client certificate only.
-//! - [`validate`]: the StreamStatus rules of wire.md §7 as pure functions.
-//! - [`ingest`]: turning `results` payloads into per-run chunk parts.
-//! - [`store`]: SQLite: staged chunks of incomplete runs, devices, runs.
-//! - `server`, `control`, `agents`, `listener`: the tonic service, the
-//!   ControlStream registry, per-agent config rendering and the TLS acceptor.
+//! - [`identity`]: the names in a client certificate; [`tenancy`]: which
+//!   tenant they mean (reserved slugs, per-tenant CAs, the platform tenant).
+//! - [`registry`]: agents that said Hello, online/offline, sync-capable.
+//! - [`integrations`]: integration sources (checks, rendering);
+//!   [`secrets`]: their credentials, sealed at rest; `assignments`: what
+//!   each agent runs and where run status comes back.
+//! - [`admin`]: tenant/agent/source administration for the CLI and the HTTP
+//!   admin API, and onboarding bundles.
+//! - [`validate`]: the StreamStatus rules of wire.md §7 as pure functions;
+//!   [`ingest`]: `results` payloads into per-run chunk parts.
+//! - [`store`]: SQLite.
+//! - `server`, `control`, `config_payload`, `listener`, `sink`: the tonic
+//!   service, the ControlStream registry, `config_json` rendering, the TLS
+//!   acceptor and where accepted chunks go.
 
-mod agents;
+pub mod admin;
+mod assignments;
 pub mod cli;
 pub mod config;
+mod config_payload;
 mod control;
 pub mod identity;
 pub mod ingest;
+pub mod integrations;
 mod listener;
 pub mod registry;
+pub mod secrets;
 mod server;
 mod sink;
 pub mod store;
+pub mod tenancy;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -28,7 +42,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -40,6 +54,10 @@ pub use store::{DeviceRow, RunRow, Store, StoreError};
 
 use crate::proto::agent_gateway_service_server::AgentGatewayServiceServer;
 
+/// How often the gateway looks for administrative changes made by another
+/// process (the CLI writes the database directly). Changes made through this
+/// process's own API are picked up at once.
+const ADMIN_WATCH_INTERVAL: Duration = Duration::from_secs(2);
 /// How long `shutdown` waits for open RPCs to finish before aborting them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Room for bursts of per-chunk events; a subscriber that falls further behind
@@ -76,12 +94,24 @@ pub enum GatewayError {
     ControlStreamFull(String),
     #[error("invalid command: {0}")]
     InvalidCommand(String),
+    #[error(transparent)]
+    Secrets(#[from] secrets::SecretsError),
+    #[error(transparent)]
+    Tenancy(#[from] tenancy::TenancyError),
+    #[error(
+        "the credentials key ({origin}) is not the key this database's credentials were sealed with ({path})"
+    )]
+    WrongCredentialsKey { origin: String, path: PathBuf },
+    #[error("no tenant {0:?}")]
+    UnknownTenant(String),
 }
 
 /// What happened inside the gateway; see [`GatewayHandle::subscribe`].
 #[derive(Clone, Debug)]
 pub enum GatewayEvent {
     Hello {
+        /// Tenant slug.
+        tenant: String,
         agent_id: String,
         partition: String,
         capabilities: Vec<String>,
@@ -197,8 +227,11 @@ pub(crate) struct Shared {
     pub gateway_id: String,
     pub heartbeat_interval_sec: i32,
     pub config_poll_interval_sec: i32,
-    pub agents: agents::AgentConfigs,
+    pub assignments: assignments::Assignments,
+    pub tenants: tenancy::Tenants,
     pub controls: control::ControlRegistry,
+    /// Signalled by administrative changes in this process.
+    pub admin_changed: Arc<Notify>,
     pub events: broadcast::Sender<GatewayEvent>,
     pub stats: StatsCounters,
     pub sink: sink::Sink,
@@ -212,19 +245,78 @@ impl Shared {
     }
 }
 
+/// Opens the database named by `path`.
+pub async fn open_store(path: &std::path::Path) -> Result<Store, StoreError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || Store::open(&path))
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+/// Loads the credentials key and checks it against the one the database's
+/// credentials were sealed with (a check value sealed on first use): a wrong
+/// key fails here, at start, not at the first GetConfig.
+pub async fn load_credentials_key(
+    config: &GatewayConfig,
+    store: &Store,
+) -> Result<Arc<secrets::CredentialKey>, GatewayError> {
+    const CHECK_KEY: &str = "credentials_key_check";
+    const CHECK_CONTEXT: &[u8] = b"serviceradar gateway credentials key check";
+    let key = secrets::CredentialKey::load(&config.credentials_key)?;
+    let fresh = hex::encode(key.seal(CHECK_CONTEXT, CHECK_CONTEXT)?);
+    let stored = store.meta_init(CHECK_KEY, &fresh).await?;
+    let opens = hex::decode(&stored)
+        .ok()
+        .and_then(|sealed| key.open(&sealed, CHECK_CONTEXT).ok())
+        .is_some();
+    if !opens {
+        let origin = match key.origin() {
+            secrets::KeyOrigin::Env => secrets::KEY_ENV.to_owned(),
+            secrets::KeyOrigin::File(p) | secrets::KeyOrigin::DevFile(p) => p.display().to_string(),
+        };
+        return Err(GatewayError::WrongCredentialsKey {
+            origin,
+            path: store.path().to_owned(),
+        });
+    }
+    Ok(Arc::new(key))
+}
+
+/// The administrative operations over the database named in `config` (the
+/// CLI's entry point; the running gateway builds its own).
+pub async fn open_admin(config: &GatewayConfig) -> Result<Option<admin::Admin>, GatewayError> {
+    let Some(path) = &config.database else {
+        return Ok(None);
+    };
+    let store = open_store(path).await?;
+    let key = load_credentials_key(config, &store).await?;
+    // First start creates the platform and default tenants.
+    tenancy::Tenants::bootstrap(config.tenancy.clone(), Some(store.clone())).await?;
+    Ok(Some(admin::Admin::new(store, key, config.tenancy.clone())))
+}
+
 /// Binds the listener, spawns the server and returns once it is listening.
 pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError> {
     let tls = crate::tls::server_config(&config.tls, config.allow_tls12)?;
-    let sink = match &config.database {
+    let (sink, database) = match &config.database {
         Some(path) => {
-            let path = path.clone();
-            let store = tokio::task::spawn_blocking(move || Store::open(&path))
-                .await
-                .map_err(|e| StoreError::Task(e.to_string()))??;
-            sink::Sink::Store(store)
+            let store = open_store(path).await?;
+            let key = load_credentials_key(&config, &store).await?;
+            tracing::info!(origin = ?key.origin(), "credentials key loaded");
+            (sink::Sink::Store(store.clone()), Some((store, key)))
         }
-        None => sink::Sink::memory(),
+        None => (sink::Sink::memory(), None),
     };
+    let tenants =
+        tenancy::Tenants::bootstrap(config.tenancy.clone(), sink.store()).await?;
+    let default_tenant = tenants
+        .default_tenant()
+        .ok_or_else(|| GatewayError::UnknownTenant(config.tenancy.default_tenant.clone()))?;
+    let admin_changed = Arc::new(Notify::new());
+    let admin = database.as_ref().map(|(store, key)| {
+        admin::Admin::new(store.clone(), key.clone(), config.tenancy.clone())
+            .with_change_signal(admin_changed.clone())
+    });
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .map_err(|source| GatewayError::Bind {
@@ -242,8 +334,14 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         gateway_id: config.gateway_id.clone(),
         heartbeat_interval_sec: config.heartbeat_interval_sec,
         config_poll_interval_sec: config.config_poll_interval_sec,
-        agents: agents::AgentConfigs::new(config.agents),
+        assignments: assignments::Assignments::new(
+            config_payload::FileSources::new(config.agents),
+            database,
+            default_tenant.id.clone(),
+        ),
+        tenants,
         controls: control::ControlRegistry::default(),
+        admin_changed,
         events,
         stats: StatsCounters::default(),
         sink,
@@ -259,7 +357,7 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
     let service = AgentGatewayServiceServer::new(server::GatewayService::new(shared.clone()))
         .max_decoding_message_size(validate::MAX_DECODING_MESSAGE_BYTES);
     let incoming = ReceiverStream::new(connections).map(Ok::<_, std::io::Error>);
-    let mut signal = shutdown_rx;
+    let mut signal = shutdown_rx.clone();
     let serve_task = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             // Sync chunks are up to 1 MiB: larger HTTP/2 windows avoid a
@@ -275,14 +373,48 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
             tracing::error!(error = %e, "gateway server stopped with an error");
         }
     });
+    let watch_task = tokio::spawn(watch_admin_changes(shared.clone(), shutdown_rx.clone()));
     tracing::info!(addr = %local_addr, gateway_id = %shared.gateway_id, "gateway listening");
     Ok(GatewayHandle {
         local_addr,
         shared,
+        admin,
         shutdown_tx,
         serve_task: Some(serve_task),
         accept_task: Some(accept_task),
+        watch_task: Some(watch_task),
     })
+}
+
+/// Applies administrative changes to connected agents: on a signal from this
+/// process, or when the database's administrative generation moved (the CLI
+/// in another process), reloads tenants and pushes every connected agent's
+/// config whose version changed.
+async fn watch_admin_changes(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let store = shared.sink.store();
+    let generation = |store: Option<Store>| async move {
+        match store {
+            Some(store) => store.admin_generation().await.ok(),
+            None => None,
+        }
+    };
+    let mut seen = generation(store.clone()).await;
+    loop {
+        let signalled = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            () = shared.admin_changed.notified() => true,
+            () = tokio::time::sleep(ADMIN_WATCH_INTERVAL) => false,
+        };
+        let now = generation(store.clone()).await;
+        if !signalled && now == seen {
+            continue;
+        }
+        seen = now;
+        if let Err(e) = shared.tenants.reload().await {
+            tracing::warn!("cannot reload tenants: {e}");
+        }
+        server::push_changed_configs(&shared).await;
+    }
 }
 
 /// A running gateway. Dropping it stops accepting connections; [`shutdown`]
@@ -292,9 +424,11 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
 pub struct GatewayHandle {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
+    admin: Option<admin::Admin>,
     shutdown_tx: watch::Sender<bool>,
     serve_task: Option<JoinHandle<()>>,
     accept_task: Option<JoinHandle<()>>,
+    watch_task: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for GatewayHandle {
@@ -319,25 +453,56 @@ impl GatewayHandle {
         self.shared.events.subscribe()
     }
 
-    /// Replaces an agent's sources (a new config version) and pushes the new
-    /// config at once to the agent's ControlStream if it has one open.
+    /// Replaces the config-file sources pinned to an agent of the default
+    /// tenant (a new config version); the new config is pushed to the
+    /// agent's ControlStream, if one is open, right after.
     pub fn set_agent_sources(
         &self,
         agent_id: &str,
         sources: serde_json::Map<String, serde_json::Value>,
     ) {
-        let rendered = self.shared.agents.set(agent_id, sources);
-        server::push_config(&self.shared, agent_id, &rendered);
+        self.shared.assignments.file_sources().set(agent_id, sources);
+        self.shared.admin_changed.notify_one();
     }
 
-    /// Sends a command over the agent's ControlStream; returns the command id.
+    /// Sends a command over the ControlStream of an agent of the default
+    /// tenant; returns the command id.
     pub fn send_command(
         &self,
         agent_id: &str,
         command_type: &str,
         payload_json: serde_json::Value,
     ) -> Result<String, GatewayError> {
-        control::send_command(&self.shared.controls, agent_id, command_type, &payload_json)
+        let key = control::AgentKey::new(self.shared.assignments.default_tenant(), agent_id);
+        control::send_command(&self.shared.controls, &key, command_type, &payload_json)
+    }
+
+    /// Sends a command to an agent of the tenant with slug `tenant`.
+    pub async fn send_command_in(
+        &self,
+        tenant: &str,
+        agent_id: &str,
+        command_type: &str,
+        payload_json: serde_json::Value,
+    ) -> Result<String, GatewayError> {
+        let tenant = self
+            .shared
+            .tenants
+            .by_slug(tenant)
+            .await
+            .ok_or_else(|| GatewayError::UnknownTenant(tenant.to_owned()))?;
+        let key = control::AgentKey::new(&tenant.id, agent_id);
+        control::send_command(&self.shared.controls, &key, command_type, &payload_json)
+    }
+
+    /// Tenant, agent and source administration; `None` without a database.
+    pub fn admin(&self) -> Option<admin::Admin> {
+        self.admin.clone()
+    }
+
+    /// The gateway's tenants (platform first).
+    pub fn tenants(&self) -> Vec<tenancy::Tenant> {
+        self.shared.tenants.list()
     }
 
     /// The device store; `None` in validate-only mode.
@@ -368,6 +533,9 @@ impl GatewayHandle {
             }
         }
         if let Some(task) = self.accept_task.take() {
+            let _ = task.await;
+        }
+        if let Some(task) = self.watch_task.take() {
             let _ = task.await;
         }
     }

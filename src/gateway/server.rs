@@ -8,12 +8,15 @@ use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use super::agents::RenderedConfig;
-use super::control::Registration;
+use super::assignments::report_status;
+use super::config_payload::RenderedConfig;
+use super::control::{AgentKey, Registration};
 use super::identity::{identity_from_der, IdentityKind, PeerIdentity, AGENT_COMPONENT};
 use super::ingest::{parse_results, UpdatePolicy};
 use super::registry::AgentRecord;
 use super::sink::StreamSession;
+use super::store::{SourceRef, SourceStatusUpdate};
+use super::tenancy::Tenant;
 use super::validate::{self, StreamValidator, Violation, RESULTS_SOURCE};
 use super::{GatewayEvent, Shared, StatsCounters};
 use crate::proto::agent_gateway_service_server::AgentGatewayService;
@@ -28,6 +31,24 @@ use crate::proto::{
 /// `service_name` prefix of run reports (wire.md §6).
 const RUN_REPORT_PREFIX: &str = "sync:";
 const STATUS_SOURCE: &str = "status";
+/// Config version answered when the gateway cannot build a config right now:
+/// agents keep their current sources (wire.md §2).
+const UNAVAILABLE_VERSION: &str = "v0-unavailable";
+
+/// Who is calling: the certificate's identity and the tenant it means.
+struct Caller {
+    identity: PeerIdentity,
+    tenant: Tenant,
+}
+
+impl Caller {
+    fn key(&self) -> AgentKey {
+        AgentKey::new(&self.tenant.id, &self.identity.component_id)
+    }
+    fn agent_id(&self) -> &str {
+        &self.identity.component_id
+    }
+}
 
 pub(crate) struct GatewayService {
     shared: Arc<Shared>,
@@ -36,6 +57,46 @@ pub(crate) struct GatewayService {
 impl GatewayService {
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
+    }
+
+    /// The caller's identity and tenant: UNAUTHENTICATED without a usable
+    /// certificate, PERMISSION_DENIED for a component that is not an agent or
+    /// a tenant the certificate may not claim.
+    async fn identify<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let certs = request
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+        let identity = identity_from_der(leaf.as_ref())
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        if identity.component_type != AGENT_COMPONENT {
+            tracing::warn!(component_type = %identity.component_type, component_id = %identity.component_id,
+                "non-agent identity called an agent RPC");
+            return Err(Status::permission_denied(format!(
+                "component type {:?} may not call agent RPCs",
+                identity.component_type
+            )));
+        }
+        let tenant = self.shared.tenants.resolve(&identity, &certs).await?;
+        Ok(Caller { identity, tenant })
+    }
+
+    /// The caller's config, or the `v0-unavailable` placeholder when the
+    /// database fails.
+    async fn render(&self, key: &AgentKey) -> RenderedConfig {
+        match self.shared.assignments.render(key).await {
+            Ok(rendered) => rendered,
+            Err(e) => {
+                tracing::error!(agent_id = %key.agent_id, "cannot build agent config: {e}");
+                RenderedConfig {
+                    config_json: Vec::new(),
+                    version: UNAVAILABLE_VERSION.to_owned(),
+                    timestamp: unix_secs(),
+                }
+            }
+        }
     }
 
     fn config_response(&self, rendered: RenderedConfig, not_modified: bool) -> AgentConfigResponse {
@@ -53,28 +114,6 @@ impl GatewayService {
             ..Default::default()
         }
     }
-}
-
-/// The caller's identity: UNAUTHENTICATED without a usable certificate,
-/// PERMISSION_DENIED for a component that is not an agent.
-fn identify<T>(request: &Request<T>) -> Result<PeerIdentity, Status> {
-    let certs = request
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let identity =
-        identity_from_der(leaf.as_ref()).map_err(|e| Status::unauthenticated(e.to_string()))?;
-    if identity.component_type != AGENT_COMPONENT {
-        tracing::warn!(component_type = %identity.component_type, component_id = %identity.component_id,
-            "non-agent identity called an agent RPC");
-        return Err(Status::permission_denied(format!(
-            "component type {:?} may not call agent RPCs",
-            identity.component_type
-        )));
-    }
-    Ok(identity)
 }
 
 /// Sync configuration belongs to tenants: a platform (SPIFFE) identity never
@@ -99,9 +138,27 @@ fn check_agent(identity: &PeerIdentity, claimed: &str) -> Result<(), Status> {
     })
 }
 
+/// Pushes every connected agent's config whose version differs from the one
+/// its ControlStream has.
+pub(crate) async fn push_changed_configs(shared: &Shared) {
+    for (key, version) in shared.controls.connected() {
+        let rendered = match shared.assignments.render(&key).await {
+            Ok(rendered) => rendered,
+            Err(e) => {
+                tracing::warn!(agent_id = %key.agent_id, "config not pushed: {e}");
+                continue;
+            }
+        };
+        if rendered.version != version {
+            push_config(shared, &key, &rendered);
+        }
+    }
+}
+
 /// Pushes a rendered config over the agent's ControlStream, if one is open.
-pub(crate) fn push_config(shared: &Shared, agent_id: &str, rendered: &RenderedConfig) {
-    if !shared.controls.is_connected(agent_id) {
+pub(crate) fn push_config(shared: &Shared, key: &AgentKey, rendered: &RenderedConfig) {
+    let agent_id = key.agent_id.as_str();
+    if !shared.controls.is_connected(key) {
         return;
     }
     let config = AgentConfigResponse {
@@ -112,7 +169,10 @@ pub(crate) fn push_config(shared: &Shared, agent_id: &str, rendered: &RenderedCo
         config_json: rendered.config_json.clone(),
         ..Default::default()
     };
-    match shared.controls.send(agent_id, ControlPush::Config(config)) {
+    match shared
+        .controls
+        .send_config(key, &rendered.version, ControlPush::Config(config))
+    {
         Ok(()) => shared.emit(GatewayEvent::ConfigServed {
             agent_id: agent_id.to_owned(),
             version: rendered.version.clone(),
@@ -144,8 +204,7 @@ impl Rejection {
 
 /// Counts of one accepted stream.
 struct StreamSummary {
-    tenant: String,
-    agent_id: String,
+    key: AgentKey,
     chunks: u32,
     accepted: u64,
     rejected: u64,
@@ -201,15 +260,25 @@ impl GatewayService {
         &self,
         request: Request<Streaming<GatewayStatusChunk>>,
     ) -> Result<StreamSummary, Rejection> {
-        let identity =
-            identify(&request).map_err(|s| Rejection::new(None, s.code(), s.message()))?;
-        let agent_id = identity.component_id.clone();
-        let policy = UpdatePolicy::new(
-            &identity.partition,
-            self.shared.agents.source_partitions(&agent_id),
-        );
+        let caller = self
+            .identify(&request)
+            .await
+            .map_err(|s| Rejection::new(None, s.code(), s.message()))?;
+        // Sync never runs as a platform service, so its results are refused
+        // like its configuration.
+        refuse_platform_sync(&caller.identity, "StreamStatus")
+            .map_err(|s| Rejection::new(Some(caller.agent_id()), s.code(), s.message()))?;
+        let key = caller.key();
+        let agent_id = key.agent_id.clone();
+        let partitions = self
+            .shared
+            .assignments
+            .source_partitions(&key)
+            .await
+            .map_err(|e| internal(&agent_id, e))?;
+        let policy = UpdatePolicy::new(&caller.identity.partition, partitions);
         let mut validator = StreamValidator::new(&agent_id);
-        let mut session = self.shared.sink.begin(&agent_id, &identity.tenant);
+        let mut session = self.shared.sink.begin(&agent_id, &key.tenant);
         let (accepted, rejected) = match pump(
             request.into_inner(),
             &agent_id,
@@ -238,6 +307,29 @@ impl GatewayService {
 
         let stats = &self.shared.stats;
         StatsCounters::add(&stats.runs_completed, outcome.completed.len() as u64);
+        for chunk in &outcome.stored {
+            if let (0, Some(source)) = (chunk.chunk_index, &chunk.sync_service_id) {
+                let running = SourceStatusUpdate::Running {
+                    run_id: chunk.run_id.clone(),
+                };
+                self.shared
+                    .assignments
+                    .record_status(&key, SourceRef::Id(source.clone()), running)
+                    .await;
+            }
+        }
+        for run in &outcome.completed {
+            if let Some(source) = &run.sync_service_id {
+                let done = SourceStatusUpdate::Succeeded {
+                    run_id: run.run_id.clone(),
+                    devices: run.devices,
+                };
+                self.shared
+                    .assignments
+                    .record_status(&key, SourceRef::Id(source.clone()), done)
+                    .await;
+            }
+        }
         for chunk in outcome.stored {
             self.shared.emit(GatewayEvent::ChunkStored {
                 agent_id: agent_id.clone(),
@@ -257,15 +349,15 @@ impl GatewayService {
             });
         }
         Ok(StreamSummary {
-            tenant: identity.tenant.clone(),
-            agent_id,
+            key,
             chunks,
             accepted,
             rejected,
         })
     }
 
-    fn record_run_report(&self, agent_id: &str, service: &GatewayServiceStatus) {
+    async fn record_run_report(&self, key: &AgentKey, service: &GatewayServiceStatus) {
+        let agent_id = key.agent_id.as_str();
         let report: serde_json::Value = match serde_json::from_slice(&service.message) {
             Ok(report) => report,
             Err(e) => {
@@ -285,6 +377,11 @@ impl GatewayService {
             s => s,
         };
         let error = Some(text("error")).filter(|e| !e.is_empty());
+        let status = report_status(&report, text("run_id"));
+        self.shared
+            .assignments
+            .record_status(key, SourceRef::Name(source.clone()), status)
+            .await;
         let event = GatewayEvent::RunReport {
             agent_id: agent_id.to_owned(),
             source,
@@ -335,19 +432,29 @@ impl AgentGatewayService for GatewayService {
         &self,
         request: Request<AgentHelloRequest>,
     ) -> Result<Response<AgentHelloResponse>, Status> {
-        let identity = identify(&request)?;
+        let caller = self.identify(&request).await?;
         let hello = request.into_inner();
-        check_agent(&identity, &hello.agent_id)?;
-        let current = self.shared.agents.render(&identity.component_id);
-        tracing::info!(agent_id = %identity.component_id, partition = %identity.partition,
-            version = %hello.version, "agent hello");
-        // Identity from the certificate; the rest is what the agent says
-        // about itself.
+        let identity = &caller.identity;
+        check_agent(identity, &hello.agent_id)?;
+        let key = caller.key();
+        // A platform identity gets no sync config, so it is never outdated.
+        let config_outdated = match identity.kind {
+            IdentityKind::Platform { .. } => false,
+            _ => hello.config_version != self.render(&key).await.version,
+        };
+        if hello.partition.trim() != identity.partition && !hello.partition.trim().is_empty() {
+            tracing::debug!(agent_id = %identity.component_id, claimed = %hello.partition,
+                certified = %identity.partition, "Hello partition ignored: the certificate's applies");
+        }
+        tracing::info!(agent_id = %identity.component_id, tenant = %caller.tenant.slug,
+            partition = %identity.partition, version = %hello.version, "agent hello");
+        // Identity (tenant, id, partition) from the certificate; the rest is
+        // what the agent says about itself.
         let now = unix_secs();
         self.shared
             .registry
             .hello(AgentRecord {
-                tenant: identity.tenant.clone(),
+                tenant: caller.tenant.id.clone(),
                 agent_id: identity.component_id.clone(),
                 partition: identity.partition.clone(),
                 version: hello.version.clone(),
@@ -360,18 +467,19 @@ impl AgentGatewayService for GatewayService {
             })
             .await;
         self.shared.emit(GatewayEvent::Hello {
+            tenant: caller.tenant.slug.clone(),
             agent_id: identity.component_id.clone(),
             partition: identity.partition.clone(),
             capabilities: hello.capabilities,
         });
         Ok(Response::new(AgentHelloResponse {
             accepted: true,
-            agent_id: identity.component_id,
+            agent_id: identity.component_id.clone(),
             message: "agent enrolled".into(),
             gateway_id: self.shared.gateway_id.clone(),
             server_time: unix_secs(),
             heartbeat_interval_sec: self.shared.heartbeat_interval_sec,
-            config_outdated: hello.config_version != current.version,
+            config_outdated,
         }))
     }
 
@@ -379,12 +487,12 @@ impl AgentGatewayService for GatewayService {
         &self,
         request: Request<AgentConfigRequest>,
     ) -> Result<Response<AgentConfigResponse>, Status> {
-        let identity = identify(&request)?;
+        let caller = self.identify(&request).await?;
         let ask = request.into_inner();
-        check_agent(&identity, &ask.agent_id)?;
-        refuse_platform_sync(&identity, "GetConfig")?;
-        let agent_id = identity.component_id;
-        let rendered = self.shared.agents.render(&agent_id);
+        check_agent(&caller.identity, &ask.agent_id)?;
+        refuse_platform_sync(&caller.identity, "GetConfig")?;
+        let agent_id = caller.agent_id().to_owned();
+        let rendered = self.render(&caller.key()).await;
         let not_modified = ask.config_version == rendered.version;
         if !not_modified {
             tracing::info!(agent_id = %agent_id, version = %rendered.version, "serving config");
@@ -400,10 +508,11 @@ impl AgentGatewayService for GatewayService {
         &self,
         request: Request<GatewayStatusRequest>,
     ) -> Result<Response<GatewayStatusResponse>, Status> {
-        let identity = identify(&request)?;
+        let caller = self.identify(&request).await?;
         let mut push = request.into_inner();
-        check_agent(&identity, &push.agent_id)?;
-        let agent_id = identity.component_id;
+        check_agent(&caller.identity, &push.agent_id)?;
+        let key = caller.key();
+        let agent_id = key.agent_id.clone();
         if push.services.len() > validate::MAX_SERVICES_PER_STREAM {
             return Err(Status::resource_exhausted(format!(
                 "too many services in one request (max {})",
@@ -423,7 +532,7 @@ impl AgentGatewayService for GatewayService {
             if service.source == STATUS_SOURCE
                 && service.service_name.starts_with(RUN_REPORT_PREFIX)
             {
-                self.record_run_report(&agent_id, service);
+                self.record_run_report(&key, service).await;
             }
         }
         if total > 0 && valid == 0 {
@@ -432,7 +541,7 @@ impl AgentGatewayService for GatewayService {
         StatsCounters::add(&self.shared.stats.heartbeats, 1);
         self.shared
             .registry
-            .seen(&identity.tenant, &agent_id, unix_secs())
+            .seen(&key.tenant, &agent_id, unix_secs())
             .await;
         self.shared.emit(GatewayEvent::Heartbeat { agent_id });
         Ok(Response::new(GatewayStatusResponse { received: true }))
@@ -449,14 +558,15 @@ impl AgentGatewayService for GatewayService {
                 StatsCounters::add(&stats.chunks, u64::from(summary.chunks));
                 StatsCounters::add(&stats.devices_received, summary.accepted);
                 StatsCounters::add(&stats.devices_rejected, summary.rejected);
-                tracing::debug!(agent_id = %summary.agent_id, chunks = summary.chunks,
+                let key = summary.key;
+                tracing::debug!(agent_id = %key.agent_id, chunks = summary.chunks,
                     devices = summary.accepted, rejected = summary.rejected, "stream accepted");
                 self.shared
                     .registry
-                    .seen(&summary.tenant, &summary.agent_id, unix_secs())
+                    .seen(&key.tenant, &key.agent_id, unix_secs())
                     .await;
                 self.shared.emit(GatewayEvent::StreamAccepted {
-                    agent_id: summary.agent_id,
+                    agent_id: key.agent_id,
                     chunks: summary.chunks,
                 });
                 Ok(Response::new(GatewayStatusResponse { received: true }))
@@ -482,9 +592,9 @@ impl AgentGatewayService for GatewayService {
         &self,
         request: Request<Streaming<ControlStreamRequest>>,
     ) -> Result<Response<Self::ControlStreamStream>, Status> {
-        let identity = identify(&request)?;
+        let caller = self.identify(&request).await?;
         // The ControlStream exists to push sync configuration.
-        refuse_platform_sync(&identity, "ControlStream")?;
+        refuse_platform_sync(&caller.identity, "ControlStream")?;
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(ControlStreamRequest {
@@ -501,21 +611,22 @@ impl AgentGatewayService for GatewayService {
                 ))
             }
         };
-        check_agent(&identity, &hello.agent_id)?;
-        let agent_id = identity.component_id;
+        check_agent(&caller.identity, &hello.agent_id)?;
+        let key = caller.key();
+        let agent_id = key.agent_id.clone();
         let Registration {
             connection,
             outbound,
             mut closed,
-        } = self.shared.controls.register(&agent_id);
+        } = self.shared.controls.register(&key, &hello.config_version);
         tracing::info!(agent_id = %agent_id, "control stream open");
         self.shared.emit(GatewayEvent::ControlStreamOpened {
             agent_id: agent_id.clone(),
         });
 
-        let current = self.shared.agents.render(&agent_id);
+        let current = self.render(&key).await;
         if hello.config_version != current.version {
-            push_config(&self.shared, &agent_id, &current);
+            push_config(&self.shared, &key, &current);
         }
 
         let service = GatewayService::new(self.shared.clone());
@@ -535,7 +646,7 @@ impl AgentGatewayService for GatewayService {
                     }
                 }
             }
-            service.shared.controls.unregister(&agent_id, connection);
+            service.shared.controls.unregister(&key, connection);
             tracing::info!(agent_id = %agent_id, "control stream closed");
         });
         Ok(Response::new(ReceiverStream::new(outbound)))

@@ -21,12 +21,14 @@ pub(crate) enum Sink {
 /// counts; finished runs are remembered so replays are not counted twice.
 #[derive(Default)]
 pub(crate) struct MemoryRuns {
-    open: HashMap<(String, String), OpenRun>,
-    done: HashSet<(String, String)>,
+    /// Keyed by (tenant, agent, run).
+    open: HashMap<(String, String, String), OpenRun>,
+    done: HashSet<(String, String, String)>,
 }
 
 struct OpenRun {
     total_chunks: u32,
+    sync_service_id: Option<String>,
     /// chunk index → (accepted, rejected)
     chunks: BTreeMap<u32, (u64, u64)>,
 }
@@ -37,6 +39,7 @@ pub(crate) struct StoredChunk {
     pub run_id: String,
     pub chunk_index: u32,
     pub total_chunks: u32,
+    pub sync_service_id: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -147,7 +150,11 @@ impl StreamSession {
         match &self.target {
             Target::Memory(runs) => {
                 let mut runs = runs.lock().unwrap_or_else(|p| p.into_inner());
-                Ok(runs.commit(&self.owner.agent_id, std::mem::take(&mut self.memory_parts)))
+                Ok(runs.commit(
+                    &self.owner.tenant,
+                    &self.owner.agent_id,
+                    std::mem::take(&mut self.memory_parts),
+                ))
             }
             Target::Store(store) => {
                 let (store, owner) = (store.clone(), self.owner.clone());
@@ -210,20 +217,22 @@ fn stored_chunk(part: &ChunkPart) -> StoredChunk {
         run_id: part.run_id.clone(),
         chunk_index: part.chunk_index,
         total_chunks: part.total_chunks,
+        sync_service_id: part.sync_service_id.clone(),
     }
 }
 
 impl MemoryRuns {
-    fn commit(&mut self, agent_id: &str, parts: Vec<ChunkPart>) -> CommitOutcome {
+    fn commit(&mut self, tenant: &str, agent_id: &str, parts: Vec<ChunkPart>) -> CommitOutcome {
         let mut outcome = CommitOutcome::default();
         let mut touched = Vec::new();
         for part in parts {
-            let key = (agent_id.to_owned(), part.run_id.clone());
+            let key = (tenant.to_owned(), agent_id.to_owned(), part.run_id.clone());
             if self.done.contains(&key) {
                 continue;
             }
             let run = self.open.entry(key.clone()).or_insert_with(|| OpenRun {
                 total_chunks: part.total_chunks,
+                sync_service_id: part.sync_service_id.clone(),
                 chunks: BTreeMap::new(),
             });
             if run.total_chunks != part.total_chunks || run.chunks.contains_key(&part.chunk_index) {
@@ -250,9 +259,10 @@ impl MemoryRuns {
                     .values()
                     .fold((0, 0), |(d, r), (a, b)| (d + a, r + b));
                 outcome.completed.push(CompletedRun {
-                    run_id: key.1.clone(),
+                    run_id: key.2.clone(),
                     devices,
                     rejected,
+                    sync_service_id: run.sync_service_id,
                 });
                 self.done.insert(key);
             }
@@ -271,6 +281,7 @@ mod tests {
             chunk_index: index,
             total_chunks: total,
             total_devices: 0,
+            sync_service_id: None,
             accepted,
             rejected: 0,
             devices: Vec::new(),
@@ -280,21 +291,22 @@ mod tests {
     #[test]
     fn memory_runs_complete_once_and_ignore_retries() {
         let mut runs = MemoryRuns::default();
-        let first = runs.commit("a", vec![part("r", 0, 2, 5), part("r", 0, 2, 5)]);
+        let first = runs.commit("t", "a", vec![part("r", 0, 2, 5), part("r", 0, 2, 5)]);
         assert_eq!(first.stored.len(), 1);
         assert!(first.completed.is_empty());
-        let second = runs.commit("a", vec![part("r", 1, 2, 3)]);
+        let second = runs.commit("t", "a", vec![part("r", 1, 2, 3)]);
         assert_eq!(
             second.completed,
             vec![CompletedRun {
                 run_id: "r".into(),
                 devices: 8,
-                rejected: 0
+                rejected: 0,
+                sync_service_id: None,
             }]
         );
-        let replay = runs.commit("a", vec![part("r", 0, 2, 5), part("r", 1, 2, 3)]);
+        let replay = runs.commit("t", "a", vec![part("r", 0, 2, 5), part("r", 1, 2, 3)]);
         assert!(replay.stored.is_empty() && replay.completed.is_empty());
         // Same run id from another agent is another run.
-        assert!(runs.commit("b", vec![part("r", 0, 1, 1)]).completed.len() == 1);
+        assert!(runs.commit("t", "b", vec![part("r", 0, 1, 1)]).completed.len() == 1);
     }
 }

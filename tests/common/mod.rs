@@ -60,6 +60,11 @@ impl Fixture {
             heartbeat_interval_sec: 30,
             config_poll_interval_sec: 300,
             agents,
+            credentials_key: gateway::secrets::KeySettings {
+                key_file: None,
+                dev_key_file: Some(self.path().join("gateway.key")),
+            },
+            ..GatewayConfig::default()
         }
     }
 

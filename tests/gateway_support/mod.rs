@@ -62,6 +62,10 @@ impl TestPki {
             gateway_id: "gw-test".into(),
             tls: self.layout.gateway(),
             database: database.then(|| self.dir.path().join("gateway.db")),
+            credentials_key: gateway::secrets::KeySettings {
+                key_file: None,
+                dev_key_file: Some(self.dir.path().join("gateway.key")),
+            },
             ..GatewayConfig::default()
         }
     }

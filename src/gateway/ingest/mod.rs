@@ -75,6 +75,9 @@ pub struct ChunkPart {
     pub chunk_index: u32,
     pub total_chunks: u32,
     pub total_devices: u64,
+    /// `sync_meta.sync_service_id` of the chunk's first update: the
+    /// integration source the run belongs to (gateway.md §3).
+    pub sync_service_id: Option<String>,
     /// Updates that passed the checks (also counted when `devices` is not kept).
     pub accepted: u64,
     /// Updates of this chunk rejected (no IP and no strong id, foreign partition).
@@ -101,13 +104,14 @@ impl ParsedResults {
     }
 }
 
-/// Run numbering of one update.
+/// Run numbering of one update (its `sync_meta`).
 #[derive(Debug, PartialEq, Eq)]
-struct RunMeta {
-    run_id: String,
-    chunk_index: u32,
-    total_chunks: u32,
-    total_devices: u64,
+pub(super) struct RunMeta<'a> {
+    pub run_id: &'a str,
+    pub chunk_index: u32,
+    pub total_chunks: u32,
+    pub total_devices: u64,
+    pub sync_service_id: Option<&'a str>,
 }
 
 /// Parses a `results` message. A message that is not a JSON array rejects the
@@ -166,13 +170,7 @@ fn parse_results_generic(
             out.unattributed_rejected += 1;
             continue;
         };
-        let part = part_for(
-            &mut out.parts,
-            &meta.run_id,
-            meta.chunk_index,
-            meta.total_chunks,
-            meta.total_devices,
-        );
+        let part = part_for(&mut out.parts, &meta);
         match stage_update(update, policy) {
             Ok(device) => {
                 part.accepted += 1;
@@ -191,24 +189,19 @@ fn parse_results_generic(
 
 /// The part for `meta`'s (run, chunk), created on first sight. Messages hold
 /// one part in practice, so a linear search is the cheapest lookup.
-fn part_for<'a>(
-    parts: &'a mut Vec<ChunkPart>,
-    run_id: &str,
-    chunk_index: u32,
-    total_chunks: u32,
-    total_devices: u64,
-) -> &'a mut ChunkPart {
+fn part_for<'a>(parts: &'a mut Vec<ChunkPart>, meta: &RunMeta<'_>) -> &'a mut ChunkPart {
     let position = parts
         .iter()
-        .position(|p| p.run_id == run_id && p.chunk_index == chunk_index);
+        .position(|p| p.run_id == meta.run_id && p.chunk_index == meta.chunk_index);
     let index = match position {
         Some(index) => index,
         None => {
             parts.push(ChunkPart {
-                run_id: run_id.to_owned(),
-                chunk_index,
-                total_chunks,
-                total_devices,
+                run_id: meta.run_id.to_owned(),
+                chunk_index: meta.chunk_index,
+                total_chunks: meta.total_chunks,
+                total_devices: meta.total_devices,
+                sync_service_id: meta.sync_service_id.map(str::to_owned),
                 accepted: 0,
                 rejected: 0,
                 devices: Vec::new(),
@@ -219,7 +212,7 @@ fn part_for<'a>(
     &mut parts[index]
 }
 
-fn run_meta(update: &Map<String, Value>) -> Option<RunMeta> {
+fn run_meta(update: &Map<String, Value>) -> Option<RunMeta<'_>> {
     let meta = update.get("sync_meta")?.as_object()?;
     let run_id = meta.get("sync_run_id")?.as_str()?.trim();
     let chunk_index = u32::try_from(meta.get("chunk_index")?.as_u64()?).ok()?;
@@ -228,13 +221,18 @@ fn run_meta(update: &Map<String, Value>) -> Option<RunMeta> {
         return None;
     }
     Some(RunMeta {
-        run_id: run_id.to_owned(),
+        run_id,
         chunk_index,
         total_chunks,
         total_devices: meta
             .get("total_devices")
             .and_then(Value::as_u64)
             .unwrap_or(0),
+        sync_service_id: meta
+            .get("sync_service_id")
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty()),
     })
 }
 
@@ -673,6 +671,7 @@ mod tests {
                 small_number(plain).prop_map(|v| (r#""chunk_index""#.to_owned(), v)),
                 small_number(plain).prop_map(|v| (r#""total_chunks""#.to_owned(), v)),
                 small_number(plain).prop_map(|v| (r#""total_devices""#.to_owned(), v)),
+                json_string(plain).prop_map(|v| (r#""sync_service_id""#.to_owned(), v)),
                 any_json(plain).prop_map(|v| (r#""is_final""#.to_owned(), v)),
             ];
             prop::collection::vec(field, 0..7)

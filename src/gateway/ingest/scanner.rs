@@ -202,6 +202,7 @@ impl<'a> Scanner<'a> {
                 "chunk_index" => &mut meta.chunk_index,
                 "total_chunks" => &mut meta.total_chunks,
                 "total_devices" => &mut meta.total_devices,
+                "sync_service_id" => &mut meta.sync_service_id,
                 _ => return s.skip(3),
             };
             *field = s.scalar(3)?;

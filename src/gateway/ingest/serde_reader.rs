@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use serde::{de, Deserialize};
 use serde_json::{Map, Number, Value};
 
-use super::{part_for, strong_id, ParsedResults, StagedDevice, UpdatePolicy, STRONG_ID_KEYS};
+use super::{part_for, strong_id, RunMeta, ParsedResults, StagedDevice, UpdatePolicy, STRONG_ID_KEYS};
 
 /// Implements the `Visitor` methods for every JSON type but objects, all
 /// producing `self.non_object()` (arrays are read through and dropped).
@@ -113,14 +113,7 @@ pub(super) fn stage_raw(
         out.unattributed_rejected += 1;
         return;
     };
-    let (run_id, chunk_index, total_chunks, total_devices) = meta;
-    let part = part_for(
-        &mut out.parts,
-        run_id,
-        chunk_index,
-        total_chunks,
-        total_devices,
-    );
+    let part = part_for(&mut out.parts, &meta);
     let outcome = if keep_devices {
         update
             .into_device(policy)
@@ -210,23 +203,29 @@ pub(super) struct RawMeta<'de> {
     pub(super) chunk_index: Scalar<'de>,
     pub(super) total_chunks: Scalar<'de>,
     pub(super) total_devices: Scalar<'de>,
+    pub(super) sync_service_id: Scalar<'de>,
 }
 
 impl RawMeta<'_> {
-    /// `run_meta`: (run id, chunk index, total chunks, total devices).
-    fn run_meta(&self) -> Option<(&str, u32, u32, u64)> {
+    /// `run_meta` of the reference reader.
+    fn run_meta(&self) -> Option<RunMeta<'_>> {
         let run_id = self.sync_run_id.as_str()?.trim();
         let chunk_index = u32::try_from(self.chunk_index.as_u64()?).ok()?;
         let total_chunks = u32::try_from(self.total_chunks.as_u64()?).ok()?;
         if run_id.is_empty() || total_chunks == 0 || chunk_index >= total_chunks {
             return None;
         }
-        Some((
+        Some(RunMeta {
             run_id,
             chunk_index,
             total_chunks,
-            self.total_devices.as_u64().unwrap_or(0),
-        ))
+            total_devices: self.total_devices.as_u64().unwrap_or(0),
+            sync_service_id: self
+                .sync_service_id
+                .as_str()
+                .map(str::trim)
+                .filter(|s| !s.is_empty()),
+        })
     }
 }
 
@@ -457,6 +456,7 @@ impl<'de> de::Visitor<'de> for SyncMetaVisitor {
                 "chunk_index" => &mut meta.chunk_index,
                 "total_chunks" => &mut meta.total_chunks,
                 "total_devices" => &mut meta.total_devices,
+                "sync_service_id" => &mut meta.sync_service_id,
                 _ => {
                     map.next_value::<Skip>()?;
                     continue;

@@ -1,7 +1,10 @@
-//! Per-agent integration sources and their `config_json` rendering
-//! (wire.md §4, gateway.md §3): `{"agent_id":…,"sources":{…}}` in canonical
-//! JSON (keys sorted at every level, no whitespace), versioned as
-//! `"v" + hex(SHA-256(config_json))`.
+//! An agent's `config_json` (wire.md §4, gateway.md §3):
+//! `{"agent_id":…,"sources":{…}}` in canonical JSON (keys sorted at every
+//! level, no whitespace), versioned as `"v" + hex(SHA-256(config_json))`.
+//!
+//! Also [`FileSources`]: sources pinned to agents of the default tenant in the
+//! gateway's config file (demos, tests, fixed deployments); database sources
+//! are managed through [`super::admin`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::RwLock;
@@ -25,13 +28,13 @@ struct Entry {
     changed_at: i64,
 }
 
-pub(crate) struct AgentConfigs {
+pub(crate) struct FileSources {
     agents: RwLock<BTreeMap<String, Entry>>,
     /// Timestamp reported for agents that were never (re)configured.
     started_at: i64,
 }
 
-impl AgentConfigs {
+impl FileSources {
     pub fn new(agents: BTreeMap<String, AgentSources>) -> Self {
         let now = unix_secs();
         let agents = agents
@@ -52,25 +55,29 @@ impl AgentConfigs {
         }
     }
 
-    /// The agent's current config; an unlisted agent gets no sources.
-    pub fn render(&self, agent_id: &str) -> RenderedConfig {
+    /// The agent's pinned sources and when they last changed (an unlisted
+    /// agent has none, unchanged since start).
+    pub fn sources(&self, agent_id: &str) -> (Map<String, Value>, i64) {
         let agents = self.agents.read().unwrap_or_else(|p| p.into_inner());
         match agents.get(agent_id) {
-            Some(entry) => render(agent_id, &entry.sources, entry.changed_at),
-            None => render(agent_id, &Map::new(), self.started_at),
+            Some(entry) => (entry.sources.clone(), entry.changed_at),
+            None => (Map::new(), self.started_at),
         }
     }
 
-    /// Replaces the agent's sources; returns the new rendering.
-    pub fn set(&self, agent_id: &str, sources: Map<String, Value>) -> RenderedConfig {
+    /// When the gateway started (the timestamp of a config never changed).
+    pub fn started_at(&self) -> i64 {
+        self.started_at
+    }
+
+    /// Replaces the agent's pinned sources.
+    pub fn set(&self, agent_id: &str, sources: Map<String, Value>) {
         let mut agents = self.agents.write().unwrap_or_else(|p| p.into_inner());
         let entry = Entry {
             sources,
             changed_at: unix_secs(),
         };
-        let rendered = render(agent_id, &entry.sources, entry.changed_at);
         agents.insert(agent_id.to_owned(), entry);
-        rendered
     }
 
     /// Partitions the agent's sources explicitly set (`sources.*.partition`).
@@ -92,7 +99,8 @@ impl AgentConfigs {
     }
 }
 
-fn render(agent_id: &str, sources: &Map<String, Value>, timestamp: i64) -> RenderedConfig {
+/// The payload for `agent_id` with these sources.
+pub(crate) fn render(agent_id: &str, sources: &Map<String, Value>, timestamp: i64) -> RenderedConfig {
     let mut payload = Map::new();
     payload.insert("agent_id".into(), Value::String(agent_id.to_owned()));
     payload.insert("sources".into(), Value::Object(sources.clone()));
@@ -159,13 +167,14 @@ mod tests {
     #[test]
     fn canonical_payload_and_version() {
         let sources = json!({"Zed":{"type":"faker","b":[{"y":1,"x":2}]},"Alpha":{"type":"netbox","partition":"lab"}});
-        let configs = AgentConfigs::new(BTreeMap::from([(
+        let configs = FileSources::new(BTreeMap::from([(
             "a1".to_owned(),
             AgentSources {
                 sources: sources.as_object().cloned().unwrap(),
             },
         )]));
-        let rendered = configs.render("a1");
+        let (sources, at) = configs.sources("a1");
+        let rendered = render("a1", &sources, at);
         let text = String::from_utf8(rendered.config_json.clone()).unwrap();
         assert_eq!(
             text,
@@ -178,14 +187,14 @@ mod tests {
             BTreeSet::from(["lab".to_owned()])
         );
 
-        let unknown = configs.render("nobody");
+        let (none, at) = configs.sources("nobody");
         assert_eq!(
-            unknown.config_json,
+            render("nobody", &none, at).config_json,
             br#"{"agent_id":"nobody","sources":{}}"#
         );
 
-        let changed = configs.set("a1", Map::new());
-        assert_ne!(changed.version, rendered.version);
-        assert_eq!(configs.render("a1").version, changed.version);
+        configs.set("a1", Map::new());
+        let (sources, at) = configs.sources("a1");
+        assert_ne!(render("a1", &sources, at).version, rendered.version);
     }
 }

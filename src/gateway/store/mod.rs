@@ -1,0 +1,420 @@
+//! The gateway's SQLite database, one module per concern:
+//!
+//! - [`staging`]: staged chunks of incomplete runs, completed runs and the
+//!   `devices` table (gateway.md §4);
+//! - [`agents`]: the agent registry (§2);
+//! - [`tenants`]: tenants and their optional intermediate CAs (§1);
+//! - [`sources`]: integration sources with sealed credentials and their
+//!   status (§3).
+//!
+//! rusqlite is blocking: the public async methods run on `spawn_blocking`
+//! behind one `Arc<Mutex<Connection>>`; the `*_blocking` methods are for the
+//! ingestion sink, which is already on a blocking thread. The database never
+//! sees a credential or a CA key in clear: callers seal them first
+//! ([`crate::gateway::secrets`]).
+
+mod agents;
+mod sources;
+mod staging;
+mod tenants;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::Connection;
+
+pub use sources::{SourceRef, SourceRow, SourceStatus, SourceStatusUpdate};
+pub use staging::{DeviceRow, RunRow};
+pub(crate) use staging::{CompletedRun, Staged, StreamOwner};
+pub use tenants::TenantRow;
+
+const SCHEMA_VERSION: i64 = 3;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE staged_chunks (
+    agent_id      TEXT    NOT NULL,
+    run_id        TEXT    NOT NULL,
+    chunk_index   INTEGER NOT NULL,
+    total_chunks  INTEGER NOT NULL,
+    total_devices INTEGER NOT NULL,
+    tenant        TEXT    NOT NULL,
+    stream_id     INTEGER,            -- set while the sending stream is open
+    devices       INTEGER NOT NULL,
+    rejected      INTEGER NOT NULL,
+    data          BLOB    NOT NULL,   -- JSON array of StagedDevice
+    received_at   INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, run_id, chunk_index)
+);
+CREATE INDEX staged_chunks_by_stream ON staged_chunks (stream_id) WHERE stream_id IS NOT NULL;
+CREATE TABLE runs (
+    agent_id      TEXT    NOT NULL,
+    run_id        TEXT    NOT NULL,
+    tenant        TEXT    NOT NULL,
+    total_chunks  INTEGER NOT NULL,
+    total_devices INTEGER NOT NULL,
+    devices       INTEGER NOT NULL,
+    rejected      INTEGER NOT NULL,
+    completed_at  INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, run_id)
+);
+CREATE TABLE devices (
+    tenant      TEXT    NOT NULL,
+    partition   TEXT    NOT NULL,
+    source      TEXT    NOT NULL,
+    device_key  TEXT    NOT NULL,
+    ip          TEXT,
+    mac         TEXT,
+    hostname    TEXT,
+    metadata    TEXT    NOT NULL,
+    agent_id    TEXT    NOT NULL,
+    first_seen  INTEGER NOT NULL,
+    last_seen   INTEGER NOT NULL,
+    last_run_id TEXT    NOT NULL,
+    PRIMARY KEY (tenant, partition, source, device_key)
+);
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "database {path} has schema version {found}, newer than this gateway ({SCHEMA_VERSION})"
+    )]
+    NewerSchema { path: PathBuf, found: i64 },
+    #[error("database {path}: corrupt staged chunk: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("database task failed: {0}")]
+    Task(String),
+    /// A uniqueness rule of the schema (tenant slug, source name per tenant).
+    #[error("{0}")]
+    Conflict(String),
+}
+
+
+/// Handle to the gateway database (cheap to clone).
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+    path: Arc<PathBuf>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database: WAL mode, schema migration,
+    /// and removal of chunks left by streams that never finished.
+    /// Blocking; one gateway process per database file.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let sql = |source| StoreError::Sqlite {
+            path: path.to_owned(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(sql)?;
+        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+            .map_err(sql)?;
+        // WAL + NORMAL is durable across application crashes; an OS crash may
+        // lose the last transactions, which agents resend (idempotent).
+        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+            .map_err(sql)?;
+        migrate(&mut conn, path)?;
+        let orphans = conn
+            .execute("DELETE FROM staged_chunks WHERE stream_id IS NOT NULL", [])
+            .map_err(sql)?;
+        if orphans > 0 {
+            tracing::info!(
+                chunks = orphans,
+                "dropped chunks of streams interrupted by a restart"
+            );
+        }
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(path.to_owned()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+
+    pub(crate) async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = store.lock();
+            f(&conn).map_err(|e| store.sql(e))
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Like [`Store::call`], with a mutable connection for transactions.
+    pub(crate) async fn call_mut<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = store.lock();
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-done transaction
+        // (rusqlite rolls back on drop), so a poisoned connection is usable.
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn sql(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+
+/// Version 2: the agent registry (gateway.md §2).
+const SCHEMA_V2: &str = "
+CREATE TABLE agents (
+    tenant       TEXT    NOT NULL,
+    agent_id     TEXT    NOT NULL,
+    partition    TEXT    NOT NULL,
+    version      TEXT    NOT NULL,
+    hostname     TEXT    NOT NULL,
+    os           TEXT    NOT NULL,
+    arch         TEXT    NOT NULL,
+    capabilities TEXT    NOT NULL,   -- JSON array of strings
+    first_seen   INTEGER NOT NULL,
+    last_seen    INTEGER NOT NULL,
+    PRIMARY KEY (tenant, agent_id)
+);
+";
+
+/// Version 3: tenants (gateway.md §1), integration sources (§3), a counter of
+/// administrative changes, and the tenant joins the key of staged chunks and
+/// runs (two tenants' agents may share an agent id and a run id).
+///
+/// Rows written before tenants existed say `'default'`; the step creates the
+/// default tenant and rewrites them to its id (see [`migrate`]).
+const SCHEMA_V3: &str = "
+CREATE TABLE tenants (
+    id            TEXT    PRIMARY KEY,       -- UUID, never the nil UUID
+    slug          TEXT    NOT NULL UNIQUE,
+    name          TEXT    NOT NULL,
+    platform      INTEGER NOT NULL DEFAULT 0,
+    ca_cert_pem   TEXT,                      -- the tenant's intermediate CA, if bound
+    ca_key_sealed BLOB,                      -- its private key, AEAD-sealed
+    created_at    INTEGER NOT NULL
+);
+CREATE TABLE integration_sources (
+    id                   TEXT    PRIMARY KEY,
+    tenant               TEXT    NOT NULL REFERENCES tenants (id),
+    name                 TEXT    NOT NULL,
+    type                 TEXT    NOT NULL,
+    endpoint             TEXT,
+    enabled              INTEGER NOT NULL,
+    agent_id             TEXT,               -- assigned agent; NULL = runs nowhere
+    partition            TEXT    NOT NULL,
+    poll_interval        TEXT,
+    discovery_interval   TEXT,
+    page_size            INTEGER,
+    queries              TEXT    NOT NULL,   -- JSON array
+    network_blacklist    TEXT    NOT NULL,   -- JSON array of CIDRs
+    settings             TEXT    NOT NULL,   -- JSON object: further config_json keys
+    credentials_sealed   BLOB    NOT NULL,   -- AEAD-sealed JSON object
+    credential_keys      TEXT    NOT NULL,   -- JSON array: which credentials are set
+    status               TEXT    NOT NULL DEFAULT 'idle',
+    last_run_id          TEXT,
+    last_sync_at         INTEGER,
+    last_device_count    INTEGER,
+    last_error           TEXT,
+    consecutive_failures INTEGER NOT NULL DEFAULT 0,
+    created_at           INTEGER NOT NULL,
+    updated_at           INTEGER NOT NULL,
+    UNIQUE (tenant, name)
+);
+CREATE INDEX integration_sources_by_agent ON integration_sources (tenant, agent_id);
+CREATE TABLE gateway_meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+INSERT INTO gateway_meta (key, value) VALUES ('admin_generation', '0');
+
+DROP INDEX staged_chunks_by_stream;
+ALTER TABLE staged_chunks RENAME TO staged_chunks_v2;
+CREATE TABLE staged_chunks (
+    tenant          TEXT    NOT NULL,
+    agent_id        TEXT    NOT NULL,
+    run_id          TEXT    NOT NULL,
+    chunk_index     INTEGER NOT NULL,
+    total_chunks    INTEGER NOT NULL,
+    total_devices   INTEGER NOT NULL,
+    sync_service_id TEXT,
+    stream_id       INTEGER,            -- set while the sending stream is open
+    devices         INTEGER NOT NULL,
+    rejected        INTEGER NOT NULL,
+    data            BLOB    NOT NULL,   -- JSON array of StagedDevice
+    received_at     INTEGER NOT NULL,
+    PRIMARY KEY (tenant, agent_id, run_id, chunk_index)
+);
+CREATE INDEX staged_chunks_by_stream ON staged_chunks (stream_id) WHERE stream_id IS NOT NULL;
+INSERT INTO staged_chunks (tenant, agent_id, run_id, chunk_index, total_chunks, total_devices,
+                           stream_id, devices, rejected, data, received_at)
+    SELECT tenant, agent_id, run_id, chunk_index, total_chunks, total_devices,
+           stream_id, devices, rejected, data, received_at FROM staged_chunks_v2;
+DROP TABLE staged_chunks_v2;
+ALTER TABLE runs RENAME TO runs_v2;
+CREATE TABLE runs (
+    tenant          TEXT    NOT NULL,
+    agent_id        TEXT    NOT NULL,
+    run_id          TEXT    NOT NULL,
+    sync_service_id TEXT,
+    total_chunks    INTEGER NOT NULL,
+    total_devices   INTEGER NOT NULL,
+    devices         INTEGER NOT NULL,
+    rejected        INTEGER NOT NULL,
+    completed_at    INTEGER NOT NULL,
+    PRIMARY KEY (tenant, agent_id, run_id)
+);
+INSERT INTO runs (tenant, agent_id, run_id, total_chunks, total_devices, devices, rejected, completed_at)
+    SELECT tenant, agent_id, run_id, total_chunks, total_devices, devices, rejected, completed_at FROM runs_v2;
+DROP TABLE runs_v2;
+";
+
+/// The tenant value of rows written before tenants existed.
+const LEGACY_TENANT: &str = "default";
+
+/// `user_version`-based migration: 0 → 1 creates the schema, 1 → 2 adds the
+/// agent registry, 2 → 3 adds tenants and sources. Each step is one
+/// transaction.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let sql = |source| StoreError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            path: path.to_owned(),
+            found: version,
+        });
+    }
+    for (step, schema) in [(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)] {
+        if version < step {
+            let tx = conn.transaction().map_err(sql)?;
+            tx.execute_batch(schema).map_err(sql)?;
+            if step == 3 {
+                adopt_legacy_rows(&tx).map_err(sql)?;
+            }
+            tx.pragma_update(None, "user_version", step).map_err(sql)?;
+            tx.commit().map_err(sql)?;
+        }
+    }
+    Ok(())
+}
+
+/// Rows from before tenants existed belong to the default tenant: create it
+/// (slug `default`, a fresh id) if any such row exists, and point them at it.
+fn adopt_legacy_rows(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    let tables = ["staged_chunks", "runs", "devices", "agents"];
+    let mut legacy = false;
+    for table in tables {
+        legacy |= tx.query_row(
+            &format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE tenant = ?1)"),
+            [LEGACY_TENANT],
+            |r| r.get::<_, bool>(0),
+        )?;
+    }
+    if !legacy {
+        return Ok(());
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    tx.execute(
+        "INSERT INTO tenants (id, slug, name, platform, created_at) VALUES (?1, ?2, 'Default tenant', 0, ?3)",
+        rusqlite::params![id, LEGACY_TENANT, crate::clock::unix_secs()],
+    )?;
+    for table in tables {
+        tx.execute(
+            &format!("UPDATE {table} SET tenant = ?1 WHERE tenant = ?2"),
+            [&id, LEGACY_TENANT],
+        )?;
+    }
+    Ok(())
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_version_1_database_is_migrated_and_its_rows_join_the_default_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO devices (tenant, partition, source, device_key, metadata, agent_id,
+                                      first_seen, last_seen, last_run_id)
+                 VALUES ('default', 'p', 'armis', '7', '{}', 'a', 1, 1, 'r')",
+                [],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO runs (agent_id, run_id, tenant, total_chunks, total_devices, devices,
+                                   rejected, completed_at)
+                 VALUES ('a', 'r', 'default', 1, 1, 1, 0, 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let tenants = store.tenants().await.unwrap();
+        assert_eq!(tenants.len(), 1);
+        assert_eq!(tenants[0].slug, "default");
+        let id = tenants[0].id.clone();
+        assert!(uuid::Uuid::parse_str(&id).is_ok_and(|u| !u.is_nil()));
+        let devices = store.devices().await.unwrap();
+        assert_eq!(devices.len(), 1);
+        assert_eq!(devices[0].tenant, id);
+        assert_eq!(store.runs().await.unwrap()[0].tenant, id);
+        assert!(store.agents().await.unwrap().is_empty());
+        let version: i64 = store
+            .call(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_database_has_no_tenants_until_the_gateway_creates_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("gw.db")).unwrap();
+        assert!(store.tenants().await.unwrap().is_empty());
+        assert_eq!(store.admin_generation().await.unwrap(), 0);
+    }
+}
