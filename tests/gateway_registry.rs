@@ -31,13 +31,20 @@ async fn hello_registers_the_agent_and_the_database_remembers_it() {
     let [record] = registered.as_slice() else {
         panic!("one agent expected: {registered:?}")
     };
+    // A single-tenant certificate (CN agent-reg.default.serviceradar) puts
+    // the agent in the default tenant, recorded by id.
+    let default_tenant = gw
+        .tenants()
+        .into_iter()
+        .find(|t| t.slug == "default")
+        .expect("the default tenant exists");
     assert_eq!(
         (
             record.tenant.as_str(),
             record.agent_id.as_str(),
             record.partition.as_str()
         ),
-        ("default", "agent-reg", "default")
+        (default_tenant.id.as_str(), "agent-reg", "default")
     );
     assert_eq!(record.version, serviceradar_agent::VERSION);
     assert!(record.sync_capable(), "{:?}", record.capabilities);
@@ -59,7 +66,8 @@ async fn hello_registers_the_agent_and_the_database_remembers_it() {
     let doc = json!({"listen": "127.0.0.1:0", "gateway_id": "gw-test",
         "tls": {"cert_file": config.tls.cert_file, "key_file": config.tls.key_file,
                 "ca_file": config.tls.ca_file},
-        "database": config.database, "agents": {}});
+        "database": config.database, "agents": {},
+        "credentials_key_file": config.credentials_key.dev_key_file});
     std::fs::write(&config_file, serde_json::to_vec(&doc).unwrap()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_serviceradar-agent"))
         .args(["gateway", "--config"])

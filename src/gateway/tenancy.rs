@@ -223,6 +223,9 @@ impl Tenants {
     ) -> Result<Self, TenancyError> {
         validate_slug(&settings.platform_slug)?;
         validate_slug(&settings.default_tenant)?;
+        if let Some(id) = settings.platform_tenant_id.filter(Uuid::is_nil) {
+            return Err(TenancyError::NilId(id.to_string()));
+        }
         if settings.is_reserved(&settings.default_tenant) {
             return Err(TenancyError::BadSlug {
                 slug: settings.default_tenant.clone(),
