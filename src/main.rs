@@ -30,9 +30,22 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// Shown after `gateway --help`.
+const GATEWAY_HELP: &str = "Administration commands open the database named in the gateway config \
+directly; they are safe while the gateway runs (SQLite WAL). A running gateway picks their \
+changes up within about 2 seconds and pushes the new config to connected agents.\n\n\
+Examples:\n  \
+serviceradar-agent gateway --config gateway.json tenant add acme --name \"Acme Corp\"\n  \
+serviceradar-agent gateway --config gateway.json onboard-agent --tenant acme --agent edge-7 --partition site-b --out bundle\n  \
+serviceradar-agent gateway --config gateway.json agent list --tenant acme\n  \
+serviceradar-agent gateway --config gateway.json source add --tenant acme --name \"Acme Faker\" --type faker --agent edge-7 --credential total_devices=2000\n  \
+serviceradar-agent gateway --config gateway.json source list";
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent-gateway (mTLS gRPC server, config per agent, SQLite ingestion).
+    /// Run the agent-gateway (mTLS gRPC server, config per agent, SQLite ingestion),
+    /// or administer it (tenants, agents, sources, onboarding bundles).
+    #[command(after_help = GATEWAY_HELP)]
     Gateway {
         /// Gateway config file (JSON).
         #[arg(long, short)]

@@ -123,7 +123,10 @@ async fn setup() -> (Matrix, GatewayConfig, HashMap<String, String>) {
     admin.tenant_add("acme", Some("Acme"), None).await.unwrap();
     admin.tenant_add("beta", None, None).await.unwrap();
     let acme = admin.tenant("acme").await.unwrap();
-    let acme_ca = pki.ca.issue_intermediate("ServiceRadar tenant acme CA").unwrap();
+    let acme_ca = pki
+        .ca
+        .issue_intermediate("ServiceRadar tenant acme CA")
+        .unwrap();
     let sealed = admin
         .key()
         .seal(acme_ca.key_pem().as_bytes(), acme.id.as_bytes())
@@ -211,50 +214,214 @@ async fn identity_matrix() {
     let cases: Vec<(&str, &TlsFiles, Rpc, &str, Expect)> = vec![
         // Platform (SPIFFE) agent: may enrol and heartbeat; no sync config,
         // no ControlStream, no sync results.
-        ("platform agent Hello", &spiffe_agent, Hello, "plat-1", Ok(())),
-        ("platform agent PushStatus", &spiffe_agent, PushStatus, "plat-1", Ok(())),
-        ("platform agent GetConfig", &spiffe_agent, GetConfig, "plat-1", denied),
-        ("platform agent ControlStream", &spiffe_agent, ControlStream, "plat-1", denied),
-        ("platform agent StreamStatus", &spiffe_agent, StreamStatus, "plat-1", denied),
+        (
+            "platform agent Hello",
+            &spiffe_agent,
+            Hello,
+            "plat-1",
+            Ok(()),
+        ),
+        (
+            "platform agent PushStatus",
+            &spiffe_agent,
+            PushStatus,
+            "plat-1",
+            Ok(()),
+        ),
+        (
+            "platform agent GetConfig",
+            &spiffe_agent,
+            GetConfig,
+            "plat-1",
+            denied,
+        ),
+        (
+            "platform agent ControlStream",
+            &spiffe_agent,
+            ControlStream,
+            "plat-1",
+            denied,
+        ),
+        (
+            "platform agent StreamStatus",
+            &spiffe_agent,
+            StreamStatus,
+            "plat-1",
+            denied,
+        ),
         // Platform identity of another component type.
-        ("platform gateway Hello", &spiffe_gateway, Hello, "gw-1", denied),
+        (
+            "platform gateway Hello",
+            &spiffe_gateway,
+            Hello,
+            "gw-1",
+            denied,
+        ),
         // Tenant edge, through the tenant's own CA: everything.
-        ("acme via acme CA Hello", &acme_by_acme_ca, Hello, "edge-1", Ok(())),
-        ("acme via acme CA GetConfig", &acme_by_acme_ca, GetConfig, "edge-1", Ok(())),
-        ("acme via acme CA StreamStatus", &acme_by_acme_ca, StreamStatus, "edge-1", Ok(())),
-        ("acme via acme CA ControlStream", &acme_by_acme_ca, ControlStream, "edge-1", Ok(())),
+        (
+            "acme via acme CA Hello",
+            &acme_by_acme_ca,
+            Hello,
+            "edge-1",
+            Ok(()),
+        ),
+        (
+            "acme via acme CA GetConfig",
+            &acme_by_acme_ca,
+            GetConfig,
+            "edge-1",
+            Ok(()),
+        ),
+        (
+            "acme via acme CA StreamStatus",
+            &acme_by_acme_ca,
+            StreamStatus,
+            "edge-1",
+            Ok(()),
+        ),
+        (
+            "acme via acme CA ControlStream",
+            &acme_by_acme_ca,
+            ControlStream,
+            "edge-1",
+            Ok(()),
+        ),
         // agent_id must equal the certificate's component id.
-        ("acme agent_id mismatch Hello", &acme_by_acme_ca, Hello, "edge-2", denied),
-        ("acme agent_id mismatch GetConfig", &acme_by_acme_ca, GetConfig, "other", denied),
-        ("acme agent_id mismatch PushStatus", &acme_by_acme_ca, PushStatus, "other", denied),
+        (
+            "acme agent_id mismatch Hello",
+            &acme_by_acme_ca,
+            Hello,
+            "edge-2",
+            denied,
+        ),
+        (
+            "acme agent_id mismatch GetConfig",
+            &acme_by_acme_ca,
+            GetConfig,
+            "other",
+            denied,
+        ),
+        (
+            "acme agent_id mismatch PushStatus",
+            &acme_by_acme_ca,
+            PushStatus,
+            "other",
+            denied,
+        ),
         // Tenant CA mismatch, both ways.
-        ("acme cert not from acme's CA", &acme_by_root, Hello, "edge-2", denied),
-        ("acme cert not from acme's CA GetConfig", &acme_by_root, GetConfig, "edge-2", denied),
-        ("beta cert from acme's CA", &beta_by_acme_ca, Hello, "edge-4", denied),
-        ("single-tenant cert from acme's CA", &single_by_acme_ca, Hello, "edge-6", denied),
-        ("platform cert from acme's CA", &spiffe_by_acme_ca, Hello, "plat-2", denied),
+        (
+            "acme cert not from acme's CA",
+            &acme_by_root,
+            Hello,
+            "edge-2",
+            denied,
+        ),
+        (
+            "acme cert not from acme's CA GetConfig",
+            &acme_by_root,
+            GetConfig,
+            "edge-2",
+            denied,
+        ),
+        (
+            "beta cert from acme's CA",
+            &beta_by_acme_ca,
+            Hello,
+            "edge-4",
+            denied,
+        ),
+        (
+            "single-tenant cert from acme's CA",
+            &single_by_acme_ca,
+            Hello,
+            "edge-6",
+            denied,
+        ),
+        (
+            "platform cert from acme's CA",
+            &spiffe_by_acme_ca,
+            Hello,
+            "plat-2",
+            denied,
+        ),
         // A tenant without a bound CA accepts the gateway's root.
-        ("beta via root Hello", &beta_by_root, Hello, "edge-3", Ok(())),
-        ("beta via root GetConfig", &beta_by_root, GetConfig, "edge-3", Ok(())),
+        (
+            "beta via root Hello",
+            &beta_by_root,
+            Hello,
+            "edge-3",
+            Ok(()),
+        ),
+        (
+            "beta via root GetConfig",
+            &beta_by_root,
+            GetConfig,
+            "edge-3",
+            Ok(()),
+        ),
         // Single-tenant CN: the default tenant.
-        ("single-tenant Hello", &single_by_root, Hello, "edge-5", Ok(())),
-        ("single-tenant GetConfig", &single_by_root, GetConfig, "edge-5", Ok(())),
+        (
+            "single-tenant Hello",
+            &single_by_root,
+            Hello,
+            "edge-5",
+            Ok(()),
+        ),
+        (
+            "single-tenant GetConfig",
+            &single_by_root,
+            GetConfig,
+            "edge-5",
+            Ok(()),
+        ),
         // Unknown and reserved slugs.
-        ("unknown tenant slug", &unknown_slug, Hello, "edge-7", denied),
-        ("reserved slug platform", &platform_slug, Hello, "edge-8", denied),
-        ("reserved slug platform GetConfig", &platform_slug, GetConfig, "edge-8", denied),
-        ("reserved slug serviceradar-operator", &operator_slug, Hello, "edge-9", denied),
+        (
+            "unknown tenant slug",
+            &unknown_slug,
+            Hello,
+            "edge-7",
+            denied,
+        ),
+        (
+            "reserved slug platform",
+            &platform_slug,
+            Hello,
+            "edge-8",
+            denied,
+        ),
+        (
+            "reserved slug platform GetConfig",
+            &platform_slug,
+            GetConfig,
+            "edge-8",
+            denied,
+        ),
+        (
+            "reserved slug serviceradar-operator",
+            &operator_slug,
+            Hello,
+            "edge-9",
+            denied,
+        ),
         // Not chained to the gateway's trust root at all.
         ("rogue CA", &rogue, Hello, "edge-10", unauthenticated),
         // Chained, but no identity in the name.
-        ("no identity in the certificate", &not_a_name, Hello, "just-a-name", unauthenticated),
+        (
+            "no identity in the certificate",
+            &not_a_name,
+            Hello,
+            "just-a-name",
+            unauthenticated,
+        ),
     ];
     assert!(cases.len() >= 12);
     let mut failures = Vec::new();
     for (name, files, rpc, agent_id, expected) in cases {
         let got = outcome(&gw, files, rpc, agent_id).await;
         if got != expected {
-            failures.push(format!("{name}: {rpc:?} expected {expected:?}, got {got:?}"));
+            failures.push(format!(
+                "{name}: {rpc:?} expected {expected:?}, got {got:?}"
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -269,7 +436,9 @@ async fn identity_matrix() {
     assert_eq!(tenant_of["edge-1"], tenants["acme"]);
     assert_eq!(tenant_of["edge-3"], tenants["beta"]);
     assert_eq!(tenant_of["edge-5"], tenants["default"]);
-    for refused in ["gw-1", "edge-2", "edge-4", "edge-6", "edge-7", "edge-8", "edge-10"] {
+    for refused in [
+        "gw-1", "edge-2", "edge-4", "edge-6", "edge-7", "edge-8", "edge-10",
+    ] {
         assert!(!tenant_of.contains_key(refused), "{refused} was registered");
     }
     gw.shutdown().await;
@@ -279,7 +448,12 @@ async fn identity_matrix() {
 async fn client_claims_about_tenant_and_partition_are_ignored() {
     let (m, config, tenants) = setup().await;
     let gw = start(config).await;
-    let files = m.cert("claims", Issuer::Root, "edge-3.site-b.beta.serviceradar", None);
+    let files = m.cert(
+        "claims",
+        Issuer::Root,
+        "edge-3.site-b.beta.serviceradar",
+        None,
+    );
     let mut client = connect(gw.local_addr(), &files).await.unwrap();
     let mut claims = hello("edge-3");
     claims.partition = "site-z".into();
@@ -312,7 +486,10 @@ async fn the_nil_uuid_is_no_tenant_id_anywhere() {
     assert!(err.to_string().contains("platform_tenant_id"), "{err}");
     // …as a new tenant's id…
     let admin = gateway::open_admin(&config).await.unwrap().unwrap();
-    let err = admin.tenant_add("gamma", None, Some(nil)).await.unwrap_err();
+    let err = admin
+        .tenant_add("gamma", None, Some(nil))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("nil UUID"), "{err}");
     // …and pinned in code: the gateway does not start.
     config.tenancy.platform_tenant_id = Some(uuid::Uuid::nil());

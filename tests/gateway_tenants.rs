@@ -109,7 +109,9 @@ async fn sources_need_a_sync_capable_agent_of_the_same_tenant() {
     // assigned.
     let _beta = t.agent("beta", "edge-9", &["sync"]).await;
     assert!(matches!(
-        t.admin.source_add("acme", spec("Inventory", None, "s", 10)).await,
+        t.admin
+            .source_add("acme", spec("Inventory", None, "s", 10))
+            .await,
         Err(AdminError::NeedsSyncAgent(_))
     ));
     let _acme = t.agent("acme", "edge-2", &["sync"]).await;
@@ -127,11 +129,15 @@ async fn sources_need_a_sync_capable_agent_of_the_same_tenant() {
         .unwrap();
     assert_eq!(source.sync_state, "unassigned");
     assert!(matches!(
-        t.admin.source_assign("acme", "Inventory", Some("edge-9")).await,
+        t.admin
+            .source_assign("acme", "Inventory", Some("edge-9"))
+            .await,
         Err(AdminError::NeedsSyncAgent(_))
     ));
     assert!(matches!(
-        t.admin.source_assign("acme", "Inventory", Some("edge-1")).await,
+        t.admin
+            .source_assign("acme", "Inventory", Some("edge-1"))
+            .await,
         Err(AdminError::NeedsSyncAgent(_))
     ));
     let assigned = t
@@ -142,12 +148,16 @@ async fn sources_need_a_sync_capable_agent_of_the_same_tenant() {
     assert_eq!(assigned.source.agent_id.as_deref(), Some("edge-2"));
     // Names are unique per tenant.
     assert!(matches!(
-        t.admin.source_add("acme", spec("Inventory", None, "s", 10)).await,
+        t.admin
+            .source_add("acme", spec("Inventory", None, "s", 10))
+            .await,
         Err(AdminError::Conflict(_))
     ));
     // The platform tenant never holds integrations.
     assert!(matches!(
-        t.admin.source_add("platform", spec("P", None, "s", 1)).await,
+        t.admin
+            .source_add("platform", spec("P", None, "s", 1))
+            .await,
         Err(AdminError::Forbidden(_))
     ));
     t.gw.shutdown().await;
@@ -160,12 +170,18 @@ async fn two_tenants_with_the_same_names_never_see_each_other() {
     let mut beta = t.agent("beta", "edge-1", &["sync"]).await;
     let acme_source = t
         .admin
-        .source_add("acme", spec("Inventory", Some("edge-1"), "acme-secret-1", 10))
+        .source_add(
+            "acme",
+            spec("Inventory", Some("edge-1"), "acme-secret-1", 10),
+        )
         .await
         .unwrap();
     let beta_source = t
         .admin
-        .source_add("beta", spec("Inventory", Some("edge-1"), "beta-secret-2", 20))
+        .source_add(
+            "beta",
+            spec("Inventory", Some("edge-1"), "beta-secret-2", 20),
+        )
         .await
         .unwrap();
     // An unassigned source goes to no agent.
@@ -181,8 +197,14 @@ async fn two_tenants_with_the_same_names_never_see_each_other() {
     assert_eq!(beta_sources.keys().collect::<Vec<_>>(), vec!["Inventory"]);
     let acme_inventory = &acme_sources["Inventory"];
     assert_eq!(acme_inventory["credentials"]["api_secret"], "acme-secret-1");
-    assert_eq!(acme_inventory["sync_service_id"], acme_source.source.id.as_str());
-    assert_eq!(beta_sources["Inventory"]["credentials"]["api_secret"], "beta-secret-2");
+    assert_eq!(
+        acme_inventory["sync_service_id"],
+        acme_source.source.id.as_str()
+    );
+    assert_eq!(
+        beta_sources["Inventory"]["credentials"]["api_secret"],
+        "beta-secret-2"
+    );
     assert_eq!(
         beta_sources["Inventory"]["sync_service_id"],
         beta_source.source.id.as_str()
@@ -269,14 +291,20 @@ async fn status_follows_chunks_and_run_reports_of_the_assigned_agent_only() {
         .await
         .unwrap();
     let now = status(t.admin.clone()).await;
-    assert_eq!((now.status.as_str(), now.last_run_id.as_deref()), ("running", Some("run-1")));
+    assert_eq!(
+        (now.status.as_str(), now.last_run_id.as_deref()),
+        ("running", Some("run-1"))
+    );
 
     // Another tenant's agent naming the same source id changes nothing.
     let foreign = with_id(run_chunks("edge-1", "default", "run-x", 5, 1, 2));
     send_stream(&mut intruder, stream_of("edge-1", foreign))
         .await
         .unwrap();
-    assert_eq!(status(t.admin.clone()).await.last_run_id.as_deref(), Some("run-1"));
+    assert_eq!(
+        status(t.admin.clone()).await.last_run_id.as_deref(),
+        Some("run-1")
+    );
 
     // The last chunk completes the run: success with its device count.
     send_stream(&mut acme, vec![envelope("edge-1", 0, 1, true, second)])
@@ -284,7 +312,11 @@ async fn status_follows_chunks_and_run_reports_of_the_assigned_agent_only() {
         .unwrap();
     let now = status(t.admin.clone()).await;
     assert_eq!(
-        (now.status.as_str(), now.last_device_count, now.consecutive_failures),
+        (
+            now.status.as_str(),
+            now.last_device_count,
+            now.consecutive_failures
+        ),
         ("success", Some(20), 0)
     );
     assert!(now.last_sync_at.is_some());
@@ -309,14 +341,20 @@ async fn status_follows_chunks_and_run_reports_of_the_assigned_agent_only() {
         acme.push_status(report("failed", run, "armis: 401 Unauthorized"))
             .await
             .unwrap();
-        wait_for(&mut events, |e| matches!(e, GatewayEvent::RunReport { .. }).then_some(())).await;
+        wait_for(&mut events, |e| {
+            matches!(e, GatewayEvent::RunReport { .. }).then_some(())
+        })
+        .await;
     }
     // The intruder's report for a source it is not assigned is ignored.
     intruder
         .push_status(report("failed", "run-x", "nope"))
         .await
         .unwrap();
-    wait_for(&mut events, |e| matches!(e, GatewayEvent::RunReport { .. }).then_some(())).await;
+    wait_for(&mut events, |e| {
+        matches!(e, GatewayEvent::RunReport { .. }).then_some(())
+    })
+    .await;
     let now = status(t.admin.clone()).await;
     assert_eq!(
         (
@@ -327,10 +365,22 @@ async fn status_follows_chunks_and_run_reports_of_the_assigned_agent_only() {
         ),
         ("failed", 2, Some("armis: 401 Unauthorized"), Some("run-3"))
     );
-    acme.push_status(report("success", "run-4", "")).await.unwrap();
-    wait_for(&mut events, |e| matches!(e, GatewayEvent::RunReport { .. }).then_some(())).await;
+    acme.push_status(report("success", "run-4", ""))
+        .await
+        .unwrap();
+    wait_for(&mut events, |e| {
+        matches!(e, GatewayEvent::RunReport { .. }).then_some(())
+    })
+    .await;
     let now = status(t.admin.clone()).await;
-    assert_eq!((now.status.as_str(), now.consecutive_failures, now.last_error), ("success", 0, None));
+    assert_eq!(
+        (
+            now.status.as_str(),
+            now.consecutive_failures,
+            now.last_error
+        ),
+        ("success", 0, None)
+    );
     t.gw.shutdown().await;
 }
 
@@ -388,9 +438,13 @@ async fn the_database_never_holds_a_credential_in_clear() {
     .unwrap();
     t.admin.source_add("acme", netbox).await.unwrap();
     // An update re-seals; the old ciphertext must not leave the value behind.
-    let patch = serde_json::from_value(json!({"credentials_set":{"api_secret": format!("{secret}-2")}}))
+    let patch =
+        serde_json::from_value(json!({"credentials_set":{"api_secret": format!("{secret}-2")}}))
+            .unwrap();
+    t.admin
+        .source_update("acme", "Inventory", patch)
+        .await
         .unwrap();
-    t.admin.source_update("acme", "Inventory", patch).await.unwrap();
     let db = t.admin.store().path().to_owned();
     t.gw.shutdown().await;
     let mut bytes = Vec::new();

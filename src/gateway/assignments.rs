@@ -55,7 +55,9 @@ impl Assignments {
             (serde_json::Map::new(), self.file.started_at())
         };
         if let Some((store, key)) = &self.database {
-            let rows = store.sources_for_agent(&agent.tenant, &agent.agent_id).await?;
+            let rows = store
+                .sources_for_agent(&agent.tenant, &agent.agent_id)
+                .await?;
             changed_at = rows.iter().map(|r| r.updated_at).fold(changed_at, i64::max);
             let key = key.clone();
             // Opening credentials is CPU work; keep it off the async threads
@@ -75,7 +77,10 @@ impl Assignments {
 
     /// Partitions other than its certificate's that the agent may write:
     /// those its sources set (gateway.md §1).
-    pub async fn source_partitions(&self, agent: &AgentKey) -> Result<BTreeSet<String>, StoreError> {
+    pub async fn source_partitions(
+        &self,
+        agent: &AgentKey,
+    ) -> Result<BTreeSet<String>, StoreError> {
         let mut partitions = if agent.tenant == self.default_tenant {
             self.file.source_partitions(&agent.agent_id)
         } else {
@@ -95,7 +100,12 @@ impl Assignments {
 
     /// Records a status change of a source of `agent`; logs and carries on
     /// if it cannot (status is bookkeeping, never a reason to refuse data).
-    pub async fn record_status(&self, agent: &AgentKey, which: SourceRef, update: SourceStatusUpdate) {
+    pub async fn record_status(
+        &self,
+        agent: &AgentKey,
+        which: SourceRef,
+        update: SourceStatusUpdate,
+    ) {
         let Some((store, _)) = &self.database else {
             return;
         };

@@ -100,7 +100,11 @@ impl FileSources {
 }
 
 /// The payload for `agent_id` with these sources.
-pub(crate) fn render(agent_id: &str, sources: &Map<String, Value>, timestamp: i64) -> RenderedConfig {
+pub(crate) fn render(
+    agent_id: &str,
+    sources: &Map<String, Value>,
+    timestamp: i64,
+) -> RenderedConfig {
     let mut payload = Map::new();
     payload.insert("agent_id".into(), Value::String(agent_id.to_owned()));
     payload.insert("sources".into(), Value::Object(sources.clone()));

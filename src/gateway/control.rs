@@ -107,34 +107,34 @@ impl ControlRegistry {
             .collect()
     }
 
-    /// Sends a config and records its version as the stream's.
-    pub fn send_config(&self, key: &AgentKey, version: &str, payload: Payload) -> Result<(), GatewayError> {
-        self.send(key, payload)?;
-        if let Some(entry) = self.lock().get_mut(key) {
-            entry.version = version.to_owned();
+    /// Sends a config unless the stream already has that version, and
+    /// records it as the stream's. Checked and recorded under one lock: the
+    /// stream's opening push and the admin watcher may race to send the same
+    /// version, and the agent must see it once. Returns whether it was sent.
+    pub fn send_config(
+        &self,
+        key: &AgentKey,
+        version: &str,
+        payload: Payload,
+    ) -> Result<bool, GatewayError> {
+        let mut streams = self.lock();
+        let entry = streams
+            .get_mut(key)
+            .ok_or_else(|| GatewayError::AgentNotConnected(key.agent_id.clone()))?;
+        if entry.version == version {
+            return Ok(false);
         }
-        Ok(())
+        try_send(entry, &key.agent_id, payload)?;
+        entry.version = version.to_owned();
+        Ok(true)
     }
 
     pub fn send(&self, key: &AgentKey, payload: Payload) -> Result<(), GatewayError> {
-        let agent_id = &key.agent_id;
         let streams = self.lock();
         let entry = streams
             .get(key)
-            .ok_or_else(|| GatewayError::AgentNotConnected(agent_id.to_owned()))?;
-        entry
-            .sender
-            .try_send(Ok(ControlStreamResponse {
-                payload: Some(payload),
-            }))
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => {
-                    GatewayError::ControlStreamFull(agent_id.to_owned())
-                }
-                mpsc::error::TrySendError::Closed(_) => {
-                    GatewayError::AgentNotConnected(agent_id.to_owned())
-                }
-            })
+            .ok_or_else(|| GatewayError::AgentNotConnected(key.agent_id.clone()))?;
+        try_send(entry, &key.agent_id, payload)
     }
 
     /// Ends every stream (their response streams complete).
@@ -145,6 +145,24 @@ impl ControlRegistry {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AgentKey, Entry>> {
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Queues a message on a stream without waiting: a full buffer is an error
+/// for the caller, never a stalled gateway.
+fn try_send(entry: &Entry, agent_id: &str, payload: Payload) -> Result<(), GatewayError> {
+    entry
+        .sender
+        .try_send(Ok(ControlStreamResponse {
+            payload: Some(payload),
+        }))
+        .map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                GatewayError::ControlStreamFull(agent_id.to_owned())
+            }
+            mpsc::error::TrySendError::Closed(_) => {
+                GatewayError::AgentNotConnected(agent_id.to_owned())
+            }
+        })
 }
 
 /// Builds and sends a command; returns its id.

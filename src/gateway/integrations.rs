@@ -167,7 +167,11 @@ impl SourceConfig {
         if !SOURCE_TYPES.contains(&self.source_type.as_str()) {
             return Err(spec_err(
                 "type",
-                format!("{:?} is not one of {}", self.source_type, SOURCE_TYPES.join(", ")),
+                format!(
+                    "{:?} is not one of {}",
+                    self.source_type,
+                    SOURCE_TYPES.join(", ")
+                ),
             ));
         }
         self.endpoint = self
@@ -229,7 +233,11 @@ impl SourceConfig {
                 spec_err(&format!("network_blacklist[{i}]"), format!("{cidr:?}: {e}"))
             })?;
         }
-        if let Some(key) = self.settings.keys().find(|k| RESERVED_KEYS.contains(&k.as_str())) {
+        if let Some(key) = self
+            .settings
+            .keys()
+            .find(|k| RESERVED_KEYS.contains(&k.as_str()))
+        {
             return Err(spec_err(
                 &format!("settings.{key}"),
                 "set by its own field, not through settings",
@@ -275,7 +283,15 @@ impl SourcePatch {
                 if let Some(v) = self.$field { config.$field = v; }
             )*};
         }
-        set!(name, source_type, enabled, partition, queries, network_blacklist, settings);
+        set!(
+            name,
+            source_type,
+            enabled,
+            partition,
+            queries,
+            network_blacklist,
+            settings
+        );
         // Optional fields: an empty string clears them.
         if let Some(e) = self.endpoint {
             config.endpoint = Some(e);
@@ -334,7 +350,10 @@ fn check_endpoint(endpoint: &str) -> Result<(), SpecError> {
 
 fn check_credentials(credentials: &Credentials) -> Result<(), SpecError> {
     match credentials.0.keys().find(|k| k.trim().is_empty()) {
-        Some(_) => Err(spec_err("credentials", "credential names must not be empty")),
+        Some(_) => Err(spec_err(
+            "credentials",
+            "credential names must not be empty",
+        )),
         None => Ok(()),
     }
 }
@@ -362,7 +381,8 @@ pub fn seal_credentials(
     source_id: &str,
     credentials: &Credentials,
 ) -> Result<Vec<u8>, super::secrets::SecretsError> {
-    let plain = serde_json::to_vec(&credentials.0).map_err(|_| super::secrets::SecretsError::Seal)?;
+    let plain =
+        serde_json::to_vec(&credentials.0).map_err(|_| super::secrets::SecretsError::Seal)?;
     key.seal(&plain, source_id.as_bytes())
 }
 
@@ -475,15 +495,42 @@ mod tests {
             (json!({"name":"a\tb","type":"faker"}), "name"),
             (json!({"name":"x","type":"snmp"}), "type"),
             (json!({"name":"x","type":"armis"}), "endpoint"),
-            (json!({"name":"x","type":"netbox","endpoint":"ftp://h"}), "endpoint"),
-            (json!({"name":"x","type":"netbox","endpoint":"https://u:p@h"}), "endpoint"),
-            (json!({"name":"x","type":"faker","partition":"a.b"}), "partition"),
-            (json!({"name":"x","type":"faker","poll_interval":"soon"}), "poll_interval"),
-            (json!({"name":"x","type":"faker","page_size":0}), "page_size"),
-            (json!({"name":"x","type":"faker","queries":["q"]}), "queries[0]"),
-            (json!({"name":"x","type":"faker","network_blacklist":["10.0.0.0/33"]}), "network_blacklist[0]"),
-            (json!({"name":"x","type":"faker","settings":{"sync_service_id":"x"}}), "settings.sync_service_id"),
-            (json!({"name":"x","type":"faker","credentials":{"":"v"}}), "credentials"),
+            (
+                json!({"name":"x","type":"netbox","endpoint":"ftp://h"}),
+                "endpoint",
+            ),
+            (
+                json!({"name":"x","type":"netbox","endpoint":"https://u:p@h"}),
+                "endpoint",
+            ),
+            (
+                json!({"name":"x","type":"faker","partition":"a.b"}),
+                "partition",
+            ),
+            (
+                json!({"name":"x","type":"faker","poll_interval":"soon"}),
+                "poll_interval",
+            ),
+            (
+                json!({"name":"x","type":"faker","page_size":0}),
+                "page_size",
+            ),
+            (
+                json!({"name":"x","type":"faker","queries":["q"]}),
+                "queries[0]",
+            ),
+            (
+                json!({"name":"x","type":"faker","network_blacklist":["10.0.0.0/33"]}),
+                "network_blacklist[0]",
+            ),
+            (
+                json!({"name":"x","type":"faker","settings":{"sync_service_id":"x"}}),
+                "settings.sync_service_id",
+            ),
+            (
+                json!({"name":"x","type":"faker","credentials":{"":"v"}}),
+                "credentials",
+            ),
         ];
         for (value, field) in cases {
             let err = spec(value.clone()).unwrap_err();
@@ -502,10 +549,7 @@ mod tests {
         let (config, credentials) = patch.apply(config, credentials).unwrap();
         assert!(!config.enabled);
         assert_eq!(config.poll_interval.as_deref(), Some("1m"));
-        assert_eq!(
-            credentials.0.keys().collect::<Vec<_>>(),
-            vec!["b", "c"]
-        );
+        assert_eq!(credentials.0.keys().collect::<Vec<_>>(), vec!["b", "c"]);
         let bad: SourcePatch = serde_json::from_value(json!({"type":"nope"})).unwrap();
         assert_eq!(bad.apply(config, credentials).unwrap_err().field, "type");
         assert!(serde_json::from_value::<SourcePatch>(json!({"colour":"red"})).is_err());
@@ -528,7 +572,10 @@ mod tests {
             page_size: Some(500),
             queries: vec![json!({"label":"Corp","query":"in:devices"})],
             network_blacklist: vec!["10.255.0.0/16".into()],
-            settings: json!({"insecure_skip_verify":true}).as_object().cloned().unwrap(),
+            settings: json!({"insecure_skip_verify":true})
+                .as_object()
+                .cloned()
+                .unwrap(),
             credentials_sealed: Vec::new(),
             credential_keys: vec!["secret_key".into()],
             status: Default::default(),

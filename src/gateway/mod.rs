@@ -13,7 +13,7 @@
 //!   admin API, and onboarding bundles.
 //! - [`validate`]: the StreamStatus rules of wire.md §7 as pure functions;
 //!   [`ingest`]: `results` payloads into per-run chunk parts.
-//! - [`store`]: SQLite.
+//! - The SQLite database: [`store`].
 //! - `server`, `control`, `config_payload`, `listener`, `sink`: the tonic
 //!   service, the ControlStream registry, `config_json` rendering, the TLS
 //!   acceptor and where accepted chunks go.
@@ -104,6 +104,9 @@ pub enum GatewayError {
     WrongCredentialsKey { origin: String, path: PathBuf },
     #[error("no tenant {0:?}")]
     UnknownTenant(String),
+    /// The admin API is configured but cannot start (no token, no database).
+    #[error(transparent)]
+    AdminApi(#[from] admin::http::AdminApiError),
 }
 
 /// What happened inside the gateway; see [`GatewayHandle::subscribe`].
@@ -307,8 +310,7 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         }
         None => (sink::Sink::memory(), None),
     };
-    let tenants =
-        tenancy::Tenants::bootstrap(config.tenancy.clone(), sink.store()).await?;
+    let tenants = tenancy::Tenants::bootstrap(config.tenancy.clone(), sink.store()).await?;
     let default_tenant = tenants
         .default_tenant()
         .ok_or_else(|| GatewayError::UnknownTenant(config.tenancy.default_tenant.clone()))?;
@@ -317,6 +319,19 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         admin::Admin::new(store.clone(), key.clone(), config.tenancy.clone())
             .with_change_signal(admin_changed.clone())
     });
+    // Bound before anything is spawned, so that a bad admin setup fails
+    // `start` without leaving tasks behind.
+    let admin_api = match &config.admin {
+        Some(settings) => Some(
+            admin::http::AdminApi::bind(
+                settings,
+                admin.clone(),
+                admin::OnboardingSettings::from_config(&config),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .map_err(|source| GatewayError::Bind {
@@ -374,6 +389,8 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         }
     });
     let watch_task = tokio::spawn(watch_admin_changes(shared.clone(), shutdown_rx.clone()));
+    let admin_addr = admin_api.as_ref().map(admin::http::AdminApi::local_addr);
+    let admin_task = admin_api.map(|api| api.spawn(shutdown_rx.clone()));
     tracing::info!(addr = %local_addr, gateway_id = %shared.gateway_id, "gateway listening");
     Ok(GatewayHandle {
         local_addr,
@@ -383,6 +400,8 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         serve_task: Some(serve_task),
         accept_task: Some(accept_task),
         watch_task: Some(watch_task),
+        admin_addr,
+        admin_task,
     })
 }
 
@@ -429,6 +448,9 @@ pub struct GatewayHandle {
     serve_task: Option<JoinHandle<()>>,
     accept_task: Option<JoinHandle<()>>,
     watch_task: Option<JoinHandle<()>>,
+    /// The HTTP admin API, when configured.
+    admin_addr: Option<SocketAddr>,
+    admin_task: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for GatewayHandle {
@@ -461,7 +483,10 @@ impl GatewayHandle {
         agent_id: &str,
         sources: serde_json::Map<String, serde_json::Value>,
     ) {
-        self.shared.assignments.file_sources().set(agent_id, sources);
+        self.shared
+            .assignments
+            .file_sources()
+            .set(agent_id, sources);
         self.shared.admin_changed.notify_one();
     }
 
@@ -493,6 +518,11 @@ impl GatewayHandle {
             .ok_or_else(|| GatewayError::UnknownTenant(tenant.to_owned()))?;
         let key = control::AgentKey::new(&tenant.id, agent_id);
         control::send_command(&self.shared.controls, &key, command_type, &payload_json)
+    }
+
+    /// Where the HTTP admin API listens; `None` when it is off.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Tenant, agent and source administration; `None` without a database.
@@ -537,6 +567,9 @@ impl GatewayHandle {
         }
         if let Some(task) = self.watch_task.take() {
             let _ = task.await;
+        }
+        if let Some(task) = self.admin_task.take() {
+            admin::http::join(task).await;
         }
     }
 

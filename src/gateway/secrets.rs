@@ -164,9 +164,7 @@ impl CredentialKey {
 
     /// Decrypts what [`seal`](Self::seal) produced with the same context.
     pub fn open(&self, sealed: &[u8], context: &[u8]) -> Result<Vec<u8>, SecretsError> {
-        let (&format, rest) = sealed
-            .split_first()
-            .ok_or(SecretsError::Open("empty"))?;
+        let (&format, rest) = sealed.split_first().ok_or(SecretsError::Open("empty"))?;
         if format != FORMAT_V1 {
             return Err(SecretsError::Open("unknown format"));
         }
@@ -174,8 +172,8 @@ impl CredentialKey {
             return Err(SecretsError::Open("truncated"));
         }
         let (nonce, body) = rest.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce)
-            .map_err(|_| SecretsError::Open("bad nonce"))?;
+        let nonce =
+            Nonce::try_assume_unique_for_key(nonce).map_err(|_| SecretsError::Open("bad nonce"))?;
         let mut body = body.to_vec();
         let plain = self
             .key
@@ -230,7 +228,9 @@ mod tests {
     #[test]
     fn sealed_values_open_only_with_the_same_key_and_context() {
         let key = CredentialKey::generate().unwrap();
-        let sealed = key.seal(br#"{"secret_key":"hunter2"}"#, b"source-1").unwrap();
+        let sealed = key
+            .seal(br#"{"secret_key":"hunter2"}"#, b"source-1")
+            .unwrap();
         assert!(!sealed.windows(7).any(|w| w == b"hunter2"));
         assert_eq!(
             key.open(&sealed, b"source-1").unwrap(),
@@ -278,7 +278,11 @@ mod tests {
             let first = CredentialKey::load(&dev_settings).unwrap();
             let sealed = first.seal(b"x", b"c").unwrap();
             let again = CredentialKey::load(&dev_settings).unwrap();
-            assert_eq!(again.open(&sealed, b"c").unwrap(), b"x", "the dev key persists");
+            assert_eq!(
+                again.open(&sealed, b"c").unwrap(),
+                b"x",
+                "the dev key persists"
+            );
         }
     }
 }

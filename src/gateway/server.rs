@@ -69,8 +69,8 @@ impl GatewayService {
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-        let identity = identity_from_der(leaf.as_ref())
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let identity =
+            identity_from_der(leaf.as_ref()).map_err(|e| Status::unauthenticated(e.to_string()))?;
         if identity.component_type != AGENT_COMPONENT {
             tracing::warn!(component_type = %identity.component_type, component_id = %identity.component_id,
                 "non-agent identity called an agent RPC");
@@ -173,10 +173,11 @@ pub(crate) fn push_config(shared: &Shared, key: &AgentKey, rendered: &RenderedCo
         .controls
         .send_config(key, &rendered.version, ControlPush::Config(config))
     {
-        Ok(()) => shared.emit(GatewayEvent::ConfigServed {
+        Ok(true) => shared.emit(GatewayEvent::ConfigServed {
             agent_id: agent_id.to_owned(),
             version: rendered.version.clone(),
         }),
+        Ok(false) => {}
         // The agent still gets the new version on its next GetConfig poll.
         Err(e) => tracing::warn!(agent_id, error = %e, "config push failed"),
     }

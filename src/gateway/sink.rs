@@ -307,6 +307,11 @@ mod tests {
         let replay = runs.commit("t", "a", vec![part("r", 0, 2, 5), part("r", 1, 2, 3)]);
         assert!(replay.stored.is_empty() && replay.completed.is_empty());
         // Same run id from another agent is another run.
-        assert!(runs.commit("t", "b", vec![part("r", 0, 1, 1)]).completed.len() == 1);
+        assert!(
+            runs.commit("t", "b", vec![part("r", 0, 1, 1)])
+                .completed
+                .len()
+                == 1
+        );
     }
 }

@@ -235,9 +235,19 @@ impl Tenants {
         let rows = match &store {
             Some(store) => {
                 ensure_platform_tenant(store, &settings).await?;
-                if store.tenant_by_slug(&settings.default_tenant).await?.is_none() {
-                    insert_tenant(store, &settings.default_tenant, "Default tenant", None, false)
-                        .await?;
+                if store
+                    .tenant_by_slug(&settings.default_tenant)
+                    .await?
+                    .is_none()
+                {
+                    insert_tenant(
+                        store,
+                        &settings.default_tenant,
+                        "Default tenant",
+                        None,
+                        false,
+                    )
+                    .await?;
                 }
                 store.tenants().await?
             }
@@ -333,7 +343,9 @@ impl Tenants {
                 if self.settings.is_reserved(slug) {
                     return Err(denied(
                         identity,
-                        format!("tenant slug {slug:?} is reserved; no edge certificate may name it"),
+                        format!(
+                            "tenant slug {slug:?} is reserved; no edge certificate may name it"
+                        ),
                     ));
                 }
                 slug.clone()
@@ -352,7 +364,10 @@ impl Tenants {
         self.check_issuer(identity, &entry, leaf)?;
         if identity.kind == IdentityKind::TenantEdge && entry.tenant.ca_bound {
             let Some(ca) = &entry.ca else {
-                return Err(denied(identity, format!("tenant {slug:?}: its CA is unreadable")));
+                return Err(denied(
+                    identity,
+                    format!("tenant {slug:?}: its CA is unreadable"),
+                ));
             };
             verify_chain(leaf, &chain[1..], ca).map_err(|e| {
                 denied(
@@ -404,8 +419,10 @@ fn verify_chain(
 ) -> Result<(), String> {
     let anchor = webpki::anchor_from_trusted_cert(&ca.cert).map_err(|e| e.to_string())?;
     let leaf = webpki::EndEntityCert::try_from(leaf).map_err(|e| e.to_string())?;
-    let intermediates: Vec<CertificateDer<'_>> =
-        intermediates.iter().map(|c| c.clone().into_owned()).collect();
+    let intermediates: Vec<CertificateDer<'_>> = intermediates
+        .iter()
+        .map(|c| c.clone().into_owned())
+        .collect();
     leaf.verify_for_usage(
         webpki::ALL_VERIFICATION_ALGS,
         &[anchor],
@@ -449,11 +466,17 @@ pub async fn insert_tenant(
     Ok(Tenant::from(row))
 }
 
-async fn ensure_platform_tenant(store: &Store, settings: &TenancySettings) -> Result<(), TenancyError> {
+async fn ensure_platform_tenant(
+    store: &Store,
+    settings: &TenancySettings,
+) -> Result<(), TenancyError> {
     match store.platform_tenant().await? {
         Some(platform) => {
             let id = parse_tenant_id(&platform.id).map_err(|e| {
-                TenancyError::Inconsistent(format!("database {}: platform tenant: {e}", store.path().display()))
+                TenancyError::Inconsistent(format!(
+                    "database {}: platform tenant: {e}",
+                    store.path().display()
+                ))
             })?;
             if let Some(configured) = settings.platform_tenant_id {
                 if configured != id {
@@ -473,7 +496,11 @@ async fn ensure_platform_tenant(store: &Store, settings: &TenancySettings) -> Re
             }
         }
         None => {
-            if store.tenant_by_slug(&settings.platform_slug).await?.is_some() {
+            if store
+                .tenant_by_slug(&settings.platform_slug)
+                .await?
+                .is_some()
+            {
                 return Err(TenancyError::Inconsistent(format!(
                     "slug {:?} is taken by a tenant that is not the platform tenant",
                     settings.platform_slug
@@ -520,16 +547,22 @@ mod tests {
     async fn the_platform_tenant_id_is_random_and_kept_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gw.db");
-        let first = Tenants::bootstrap(TenancySettings::default(), Some(Store::open(&path).unwrap()))
-            .await
-            .unwrap();
+        let first = Tenants::bootstrap(
+            TenancySettings::default(),
+            Some(Store::open(&path).unwrap()),
+        )
+        .await
+        .unwrap();
         let platform = first.platform().unwrap();
         assert!(!parse_tenant_id(&platform.id).unwrap().is_nil());
         assert!(first.default_tenant().is_some());
         drop(first);
-        let again = Tenants::bootstrap(TenancySettings::default(), Some(Store::open(&path).unwrap()))
-            .await
-            .unwrap();
+        let again = Tenants::bootstrap(
+            TenancySettings::default(),
+            Some(Store::open(&path).unwrap()),
+        )
+        .await
+        .unwrap();
         assert_eq!(again.platform().unwrap().id, platform.id);
 
         // A different configured id is an error, not a silent second tenant.
@@ -552,9 +585,12 @@ mod tests {
             platform_tenant_id: Some(id),
             ..TenancySettings::default()
         };
-        let tenants = Tenants::bootstrap(settings, Some(Store::open(&dir.path().join("g.db")).unwrap()))
-            .await
-            .unwrap();
+        let tenants = Tenants::bootstrap(
+            settings,
+            Some(Store::open(&dir.path().join("g.db")).unwrap()),
+        )
+        .await
+        .unwrap();
         assert_eq!(tenants.platform().unwrap().id, id.to_string());
     }
 }

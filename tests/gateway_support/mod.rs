@@ -71,6 +71,20 @@ impl TestPki {
     }
 }
 
+/// Bearer token of the admin API in tests that enable it.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+/// `config` with the HTTP admin API on an ephemeral loopback port, accepting
+/// [`ADMIN_TOKEN`] (the API needs the database: `gateway_config(true)`).
+pub fn with_admin_api(mut config: GatewayConfig) -> GatewayConfig {
+    config.admin = Some(gateway::config::AdminApiConfig {
+        listen: "127.0.0.1:0".into(),
+        token_file: None,
+        token: Some(ADMIN_TOKEN.into()),
+    });
+    config
+}
+
 pub fn sources(value: Value) -> AgentSources {
     AgentSources {
         sources: value.as_object().cloned().unwrap(),

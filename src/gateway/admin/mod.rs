@@ -15,6 +15,9 @@
 //! gateway notices it (at once for its own API, within a couple of seconds
 //! for the CLI) and pushes the new config to connected agents.
 
+pub mod http;
+pub mod onboarding;
+
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -26,9 +29,11 @@ use super::integrations::{
 };
 use super::registry::AgentRecord;
 use super::secrets::{CredentialKey, SecretsError};
-use super::store::{DeviceRow, SourceRef, SourceRow, Store, StoreError};
-use super::tenancy::{self, Tenant, TenancyError, TenancySettings};
+use super::store::{DeviceRow, SourceRef, SourceRow, SourceStatus, Store, StoreError};
+use super::tenancy::{self, TenancyError, TenancySettings, Tenant};
 use crate::clock::unix_secs;
+
+pub use onboarding::{write_bundle, OnboardRequest, OnboardingBundle, OnboardingSettings};
 
 /// Why an administrative operation was refused. Each variant maps to one
 /// HTTP status in the admin API.
@@ -177,7 +182,10 @@ impl Admin {
             )));
         }
         let id = id.map(tenancy::parse_tenant_id).transpose()?;
-        let name = name.map(str::trim).filter(|n| !n.is_empty()).unwrap_or(slug);
+        let name = name
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .unwrap_or(slug);
         let tenant = tenancy::insert_tenant(&self.store, slug, name, id, false).await?;
         self.changed();
         Ok(tenant)
@@ -322,15 +330,16 @@ impl Admin {
             .source(&tenant.id, &SourceRef::Name(which.to_owned()))
             .await?
             .ok_or_else(|| {
-                AdminError::NotFound(format!(
-                    "tenant {:?} has no source {which:?}",
-                    tenant.slug
-                ))
+                AdminError::NotFound(format!("tenant {:?} has no source {which:?}", tenant.slug))
             })
     }
 
     /// Creates a source (gateway.md §3 rules).
-    pub async fn source_add(&self, tenant: &str, spec: SourceSpec) -> Result<SourceView, AdminError> {
+    pub async fn source_add(
+        &self,
+        tenant: &str,
+        spec: SourceSpec,
+    ) -> Result<SourceView, AdminError> {
         let tenant = self.sync_tenant(tenant).await?;
         let agent_id = spec
             .agent_id
@@ -380,7 +389,10 @@ impl Admin {
             settings: config.settings,
             credentials_sealed,
             credential_keys: credentials.0.keys().cloned().collect(),
-            status: Default::default(),
+            status: SourceStatus {
+                status: "idle".to_owned(),
+                ..SourceStatus::default()
+            },
             created_at,
             updated_at,
         })

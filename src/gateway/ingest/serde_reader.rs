@@ -13,7 +13,9 @@ use std::net::IpAddr;
 use serde::{de, Deserialize};
 use serde_json::{Map, Number, Value};
 
-use super::{part_for, strong_id, RunMeta, ParsedResults, StagedDevice, UpdatePolicy, STRONG_ID_KEYS};
+use super::{
+    part_for, strong_id, ParsedResults, RunMeta, StagedDevice, UpdatePolicy, STRONG_ID_KEYS,
+};
 
 /// Implements the `Visitor` methods for every JSON type but objects, all
 /// producing `self.non_object()` (arrays are read through and dropped).

@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rusqlite::Connection;
 
 pub use sources::{SourceRef, SourceRow, SourceStatus, SourceStatusUpdate};
-pub use staging::{DeviceRow, RunRow};
 pub(crate) use staging::{CompletedRun, Staged, StreamOwner};
+pub use staging::{DeviceRow, RunRow};
 pub use tenants::TenantRow;
 
 const SCHEMA_VERSION: i64 = 3;
@@ -94,7 +94,6 @@ pub enum StoreError {
     Conflict(String),
 }
 
-
 /// Handle to the gateway database (cheap to clone).
 #[derive(Clone)]
 pub struct Store {
@@ -146,7 +145,6 @@ impl Store {
         &self.path
     }
 
-
     pub(crate) async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -191,7 +189,6 @@ impl Store {
         }
     }
 }
-
 
 /// Version 2: the agent registry (gateway.md §2).
 const SCHEMA_V2: &str = "
@@ -363,7 +360,6 @@ fn adopt_legacy_rows(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     }
     Ok(())
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -84,7 +84,8 @@ pub enum SourceStatusUpdate {
     Failed { run_id: String, error: String },
 }
 
-const SOURCE_COLUMNS: &str = "SELECT id, tenant, name, type, endpoint, enabled, agent_id, partition,
+const SOURCE_COLUMNS: &str =
+    "SELECT id, tenant, name, type, endpoint, enabled, agent_id, partition,
     poll_interval, discovery_interval, page_size, queries, network_blacklist, settings,
     credentials_sealed, credential_keys, status, last_run_id, last_sync_at, last_device_count,
     last_error, consecutive_failures, created_at, updated_at FROM integration_sources";

@@ -100,10 +100,7 @@ impl Store {
                 "{DEVICE_COLUMNS} WHERE tenant = ?1 ORDER BY partition, source, device_key
                  LIMIT ?2 OFFSET ?3"
             ))?;
-            let rows = stmt.query_map(
-                params![tenant, limit as i64, offset as i64],
-                device_row,
-            )?;
+            let rows = stmt.query_map(params![tenant, limit as i64, offset as i64], device_row)?;
             rows.collect()
         })
         .await
@@ -145,7 +142,6 @@ impl Store {
         .await
         .map(|n| n as u64)
     }
-
 
     /// Stages the parts of one message for an open stream (blocking).
     pub(crate) fn stage_blocking(
