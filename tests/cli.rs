@@ -4,51 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 
-use common::DEADLINE;
+use common::process::{lines, wait_line, Running, BIN};
 use serde_json::json;
-
-const BIN: &str = env!("CARGO_BIN_EXE_serviceradar-agent");
-
-/// Kills the process when the test ends, however it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Streams a child's stdout lines to a channel.
-fn lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_line(rx: &mpsc::Receiver<String>, what: &str, pick: impl Fn(&str) -> bool) -> String {
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if pick(&line) => return line,
-            Ok(_) => continue,
-            Err(e) => panic!("no line for {what} within {DEADLINE:?}: {e}"),
-        }
-    }
-}
 
 fn run(args: &[&str], dir: &Path) -> std::process::Output {
     Command::new(BIN)

@@ -2,11 +2,12 @@
 //! served from the deterministic generator, in process and as the real
 //! `faker` subcommand.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::process::{lines, Running};
 use serde_json::{json, Value};
 use serviceradar_agent::sources::armis::ArmisDevice;
 use serviceradar_agent::sources::faker::server::{FakerServer, FakerServerConfig};
@@ -414,16 +415,6 @@ async fn churn_changes_ips_only_when_the_run_advances() {
     server.shutdown().await;
 }
 
-/// Kills the child when the test ends, however it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn faker_subcommand_serves_the_api() {
     let mut child = Running(
@@ -442,15 +433,7 @@ async fn faker_subcommand_serves_the_api() {
             .spawn()
             .expect("spawn the binary"),
     );
-    let stdout = child.0.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = lines(&mut child.0);
     let line = tokio::task::spawn_blocking(move || rx.recv_timeout(DEADLINE))
         .await
         .unwrap()

@@ -4,54 +4,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output, Stdio};
 
-use common::DEADLINE;
+use common::process::{lines, wait_line, Running, BIN};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
 use serviceradar_agent::config::bootstrap::{Bootstrap, Security};
 use x509_parser::prelude::{FromDer, X509Certificate};
-
-const BIN: &str = env!("CARGO_BIN_EXE_serviceradar-agent");
-
-/// Kills the process when the test ends, however it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_line(rx: &mpsc::Receiver<String>, what: &str, pick: impl Fn(&str) -> bool) -> String {
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if pick(&line) => return line,
-            Ok(_) => continue,
-            Err(e) => panic!("no line for {what} within {DEADLINE:?}: {e}"),
-        }
-    }
-}
 
 fn run(dir: &Path, args: &[&str]) -> Output {
     Command::new(BIN)

@@ -369,7 +369,7 @@ impl Tenants {
                     format!("tenant {slug:?}: its CA is unreadable"),
                 ));
             };
-            verify_chain(leaf, &chain[1..], ca).map_err(|e| {
+            verify_client_chain(leaf, &chain[1..], std::slice::from_ref(&ca.cert)).map_err(|e| {
                 denied(
                     identity,
                     format!("certificate names tenant {slug:?} but was not issued by that tenant's CA ({e})"),
@@ -411,13 +411,22 @@ impl Tenants {
     }
 }
 
-/// Path validation from `leaf` to the tenant CA as the only trust anchor.
-fn verify_chain(
+/// Path validation of a client certificate from `leaf`, through
+/// `intermediates`, to one of `anchors` (used for tenant CAs here and for the
+/// onboarding CA's chain to the gateway's trust root).
+pub(crate) fn verify_client_chain(
     leaf: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
-    ca: &BoundCa,
+    anchors: &[CertificateDer<'_>],
 ) -> Result<(), String> {
-    let anchor = webpki::anchor_from_trusted_cert(&ca.cert).map_err(|e| e.to_string())?;
+    // A bundle may hold certificates that are no usable anchor; skip them.
+    let anchors: Vec<_> = anchors
+        .iter()
+        .filter_map(|c| webpki::anchor_from_trusted_cert(c).ok())
+        .collect();
+    if anchors.is_empty() {
+        return Err("no usable trust anchor".into());
+    }
     let leaf = webpki::EndEntityCert::try_from(leaf).map_err(|e| e.to_string())?;
     let intermediates: Vec<CertificateDer<'_>> = intermediates
         .iter()
@@ -425,7 +434,7 @@ fn verify_chain(
         .collect();
     leaf.verify_for_usage(
         webpki::ALL_VERIFICATION_ALGS,
-        &[anchor],
+        &anchors,
         &intermediates,
         UnixTime::now(),
         webpki::KeyUsage::client_auth(),

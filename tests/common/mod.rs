@@ -3,6 +3,8 @@
 //! deadline only turns a hang into a failure; tests synchronise on events).
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};

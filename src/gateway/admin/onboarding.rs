@@ -517,22 +517,7 @@ fn verify_client(
     intermediates: &[CertificateDer<'static>],
     roots: &[CertificateDer<'static>],
 ) -> Result<(), String> {
-    let anchors: Vec<_> = roots
-        .iter()
-        .filter_map(|c| webpki::anchor_from_trusted_cert(c).ok())
-        .collect();
-    let leaf = webpki::EndEntityCert::try_from(leaf).map_err(|e| e.to_string())?;
-    leaf.verify_for_usage(
-        webpki::ALL_VERIFICATION_ALGS,
-        &anchors,
-        intermediates,
-        UnixTime::now(),
-        webpki::KeyUsage::client_auth(),
-        None,
-        None,
-    )
-    .map(|_| ())
-    .map_err(|e| e.to_string())
+    crate::gateway::tenancy::verify_client_chain(leaf, intermediates, roots)
 }
 
 /// A warning when the gateway's own certificate would not pass the agent's
