@@ -74,9 +74,14 @@ async fn valid_multi_chunk_stream_stores_exactly_its_devices() {
         format!("faker-{}", first.ip.as_deref().unwrap())
     );
     assert_eq!(first.last_run_id, "run-1");
+    assert!(
+        first.metadata.get("agent_id").is_none(),
+        "metadata.agent_id from an agent is dropped: {}",
+        first.metadata
+    );
     assert_eq!(
-        first.metadata["agent_id"], "not-an-identity",
-        "kept as data, never used as identity"
+        first.metadata["integration_id"],
+        format!("faker-{}", first.ip.as_deref().unwrap())
     );
     let runs = store.runs().await.unwrap();
     assert_eq!(runs.len(), 1);

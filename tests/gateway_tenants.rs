@@ -490,3 +490,46 @@ async fn the_gateway_needs_the_right_credentials_key() {
     assert!(err.contains("not the key"), "{err}");
     assert!(err.contains(&other.display().to_string()), "{err}");
 }
+
+#[tokio::test]
+async fn updates_may_use_the_partition_an_assigned_source_sets_and_no_other() {
+    let t = TwoTenants::start().await;
+    let mut acme = t.agent("acme", "edge-1", &["sync"]).await;
+    let lab: SourceSpec = serde_json::from_value(json!({"name":"Lab","type":"faker",
+        "agent_id":"edge-1","partition":"lab","credentials":{"total_devices":"5"}}))
+    .unwrap();
+    t.admin.source_add("acme", lab).await.unwrap();
+    // Another tenant's source partition grants nothing to acme's agent.
+    let _beta = t.agent("beta", "edge-1", &["sync"]).await;
+    let other: SourceSpec = serde_json::from_value(json!({"name":"Other","type":"faker",
+        "agent_id":"edge-1","partition":"other","credentials":{"total_devices":"5"}}))
+    .unwrap();
+    t.admin.source_add("beta", other).await.unwrap();
+
+    let mut events = t.gw.subscribe();
+    for (run, partition) in [
+        ("r-cert", "default"),
+        ("r-lab", "lab"),
+        ("r-other", "other"),
+    ] {
+        let chunks = run_chunks("edge-1", partition, run, 4, 1, 3);
+        send_stream(&mut acme, stream_of("edge-1", chunks))
+            .await
+            .unwrap();
+    }
+    let mut rejected = std::collections::BTreeMap::new();
+    while rejected.len() < 3 {
+        let (run, count) = wait_for(&mut events, |e| match e {
+            GatewayEvent::RunComplete {
+                run_id, rejected, ..
+            } => Some((run_id.clone(), *rejected)),
+            _ => None,
+        })
+        .await;
+        rejected.insert(run, count);
+    }
+    assert_eq!(rejected["r-cert"], 0, "the certificate's partition");
+    assert_eq!(rejected["r-lab"], 0, "a partition its assigned source sets");
+    assert_eq!(rejected["r-other"], 4, "another tenant's source partition");
+    t.gw.shutdown().await;
+}

@@ -249,10 +249,10 @@ fn stage_update(
     if !policy.allowed_partitions.contains(&partition) {
         return Err("partition not allowed for this agent");
     }
-    let metadata = match update.remove("metadata") {
+    let metadata = untrusted_keys_dropped(match update.remove("metadata") {
         Some(Value::Object(m)) => m,
         _ => Map::new(),
-    };
+    });
     let ip = text(&update, "ip")
         .and_then(|ip| ip.parse::<IpAddr>().ok())
         .map(|ip| ip.to_string());
@@ -269,6 +269,14 @@ fn stage_update(
         hostname: text(&update, "hostname"),
         metadata,
     })
+}
+
+/// `metadata.agent_id` as an agent sends it would name the *agent* where
+/// ServiceRadar's core expects a device identity (wire.md §5, gateway.md
+/// §1): it is dropped on ingestion, never stored or used.
+pub(super) fn untrusted_keys_dropped(mut metadata: Map<String, Value>) -> Map<String, Value> {
+    metadata.remove("agent_id");
+    metadata
 }
 
 /// The strongest identifier in the metadata (strings; numbers accepted).

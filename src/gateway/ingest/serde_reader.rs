@@ -14,7 +14,8 @@ use serde::{de, Deserialize};
 use serde_json::{Map, Number, Value};
 
 use super::{
-    part_for, strong_id, ParsedResults, RunMeta, StagedDevice, UpdatePolicy, STRONG_ID_KEYS,
+    part_for, strong_id, untrusted_keys_dropped, ParsedResults, RunMeta, StagedDevice,
+    UpdatePolicy, STRONG_ID_KEYS,
 };
 
 /// Implements the `Visitor` methods for every JSON type but objects, all
@@ -173,7 +174,7 @@ impl RawUpdate<'_> {
             return Err("partition not allowed for this agent");
         }
         let partition = partition.to_owned();
-        let metadata = self.metadata.unwrap_or_default();
+        let metadata = untrusted_keys_dropped(self.metadata.unwrap_or_default());
         let ip = trimmed(&self.ip)
             .and_then(|ip| ip.parse::<IpAddr>().ok())
             .map(|ip| ip.to_string());
