@@ -273,12 +273,8 @@ pub async fn load_credentials_key(
         .and_then(|sealed| key.open(&sealed, CHECK_CONTEXT).ok())
         .is_some();
     if !opens {
-        let origin = match key.origin() {
-            secrets::KeyOrigin::Env => secrets::KEY_ENV.to_owned(),
-            secrets::KeyOrigin::File(p) | secrets::KeyOrigin::DevFile(p) => p.display().to_string(),
-        };
         return Err(GatewayError::WrongCredentialsKey {
-            origin,
+            origin: key.origin().to_string(),
             path: store.path().to_owned(),
         });
     }
@@ -305,7 +301,7 @@ pub async fn start(config: GatewayConfig) -> Result<GatewayHandle, GatewayError>
         Some(path) => {
             let store = open_store(path).await?;
             let key = load_credentials_key(&config, &store).await?;
-            tracing::info!(origin = ?key.origin(), "credentials key loaded");
+            tracing::info!(origin = %key.origin(), "credentials key loaded");
             (sink::Sink::Store(store.clone()), Some((store, key)))
         }
         None => (sink::Sink::memory(), None),

@@ -113,7 +113,7 @@ impl CredentialKey {
     /// A key from 64 hex characters (surrounding whitespace ignored).
     pub fn from_hex(text: &str, origin: KeyOrigin) -> Result<Self, SecretsError> {
         let bad = |reason: &str| SecretsError::BadKey {
-            origin: origin_name(&origin),
+            origin: origin.to_string(),
             reason: reason.to_owned(),
         };
         let bytes = hex::decode(text.trim())
@@ -183,10 +183,13 @@ impl CredentialKey {
     }
 }
 
-fn origin_name(origin: &KeyOrigin) -> String {
-    match origin {
-        KeyOrigin::Env => KEY_ENV.to_owned(),
-        KeyOrigin::File(path) | KeyOrigin::DevFile(path) => path.display().to_string(),
+impl fmt::Display for KeyOrigin {
+    /// The variable or file the key came from (never the key).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyOrigin::Env => f.write_str(KEY_ENV),
+            KeyOrigin::File(path) | KeyOrigin::DevFile(path) => write!(f, "{}", path.display()),
+        }
     }
 }
 

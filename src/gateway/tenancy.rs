@@ -272,10 +272,6 @@ impl Tenants {
         })
     }
 
-    pub fn settings(&self) -> &TenancySettings {
-        &self.settings
-    }
-
     /// Reloads every tenant from the database.
     pub async fn reload(&self) -> Result<(), StoreError> {
         if let Some(store) = &self.store {

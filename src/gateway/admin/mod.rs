@@ -153,10 +153,6 @@ impl Admin {
         &self.key
     }
 
-    pub fn tenancy(&self) -> &TenancySettings {
-        &self.tenancy
-    }
-
     fn changed(&self) {
         if let Some(notify) = &self.changed {
             notify.notify_one();

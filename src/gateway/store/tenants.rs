@@ -190,20 +190,6 @@ impl Store {
         .await
     }
 
-    /// A `gateway_meta` value (e.g. the sealed key check).
-    pub async fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let key = key.to_owned();
-        self.call(move |c| {
-            c.query_row(
-                "SELECT value FROM gateway_meta WHERE key = ?1",
-                [key],
-                |r| r.get(0),
-            )
-            .optional()
-        })
-        .await
-    }
-
     /// Sets a `gateway_meta` value if it is not set yet; returns the value
     /// now stored.
     pub async fn meta_init(&self, key: &str, value: &str) -> Result<String, StoreError> {
