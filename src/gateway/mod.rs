@@ -24,6 +24,7 @@ pub mod cli;
 pub mod config;
 mod config_payload;
 mod control;
+pub mod dire;
 pub mod identity;
 pub mod ingest;
 pub mod integrations;

@@ -263,6 +263,7 @@ impl MemoryRuns {
                     devices,
                     rejected,
                     sync_service_id: run.sync_service_id,
+                    reconciled: Default::default(),
                 });
                 self.done.insert(key);
             }
@@ -302,6 +303,7 @@ mod tests {
                 devices: 8,
                 rejected: 0,
                 sync_service_id: None,
+                reconciled: Default::default(),
             }]
         );
         let replay = runs.commit("t", "a", vec![part("r", 0, 2, 5), part("r", 1, 2, 3)]);

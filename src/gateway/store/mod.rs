@@ -14,6 +14,7 @@
 //! ([`crate::gateway::secrets`]).
 
 mod agents;
+mod canonical;
 mod sources;
 mod staging;
 mod tenants;
@@ -23,12 +24,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::Connection;
 
+pub use canonical::{DeviceFilter, MergeRow};
 pub use sources::{SourceRef, SourceRow, SourceStatus, SourceStatusUpdate};
 pub(crate) use staging::{CompletedRun, Staged, StreamOwner};
 pub use staging::{DeviceRow, RunRow};
 pub use tenants::TenantRow;
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE staged_chunks (
@@ -298,6 +300,53 @@ INSERT INTO runs (tenant, agent_id, run_id, total_chunks, total_devices, devices
 DROP TABLE runs_v2;
 ";
 
+/// Version 4: DIRE (gateway.md §5). Canonical devices, the identifiers that
+/// point at them (unique per tenant and partition), and the merge audit.
+/// Canonical ids embed tenant and partition, so `id` alone is unique.
+const SCHEMA_V4: &str = "
+CREATE TABLE canonical_devices (
+    id          TEXT    PRIMARY KEY,   -- sr:<uuid v5>
+    tenant      TEXT    NOT NULL,
+    partition   TEXT    NOT NULL,
+    ip          TEXT,
+    mac         TEXT,
+    hostname    TEXT,
+    sources     TEXT    NOT NULL,      -- JSON array
+    metadata    TEXT    NOT NULL,      -- JSON object: source -> its latest metadata
+    first_seen  INTEGER NOT NULL,
+    last_seen   INTEGER NOT NULL,
+    last_run_id TEXT    NOT NULL,
+    merged_into TEXT,                  -- set on a device folded into another
+    identifiers TEXT    NOT NULL       -- JSON copy of its device_identifiers rows
+);
+CREATE UNIQUE INDEX canonical_devices_by_ip ON canonical_devices (tenant, partition, ip)
+    WHERE ip IS NOT NULL;
+CREATE INDEX canonical_devices_by_scope ON canonical_devices (tenant, partition, id);
+CREATE TABLE device_identifiers (
+    tenant    TEXT NOT NULL,
+    partition TEXT NOT NULL,
+    kind      TEXT NOT NULL,           -- armis, integration, netbox, mac
+    value     TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    PRIMARY KEY (tenant, partition, kind, value)
+);
+CREATE INDEX device_identifiers_by_device ON device_identifiers (device_id);
+CREATE TABLE device_merges (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant      TEXT    NOT NULL,
+    partition   TEXT    NOT NULL,
+    from_device TEXT    NOT NULL,
+    into_device TEXT    NOT NULL,
+    reason      TEXT    NOT NULL,
+    identifiers TEXT    NOT NULL,      -- JSON: identifiers moved
+    from_before TEXT    NOT NULL,      -- JSON: both devices as they were
+    into_before TEXT    NOT NULL,
+    merged_at   INTEGER NOT NULL,
+    undone_at   INTEGER
+);
+CREATE INDEX device_merges_by_into ON device_merges (into_device, id);
+";
+
 /// The tenant value of rows written before tenants existed.
 const LEGACY_TENANT: &str = "default";
 
@@ -318,7 +367,12 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             found: version,
         });
     }
-    for (step, schema) in [(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)] {
+    for (step, schema) in [
+        (1, SCHEMA_V1),
+        (2, SCHEMA_V2),
+        (3, SCHEMA_V3),
+        (4, SCHEMA_V4),
+    ] {
         if version < step {
             let tx = conn.transaction().map_err(sql)?;
             tx.execute_batch(schema).map_err(sql)?;

@@ -5,8 +5,11 @@
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde_json::{Map, Value};
 
+use super::canonical::SqliteIndex;
 use super::{Store, StoreError};
 use crate::clock::unix_secs;
+use crate::gateway::dire::reconcile::{self, Outcome, Scope};
+use crate::gateway::dire::{identifiers_of, Sighting};
 use crate::gateway::ingest::{ChunkPart, StagedDevice};
 
 /// One row of `devices`.
@@ -66,6 +69,8 @@ pub(crate) struct CompletedRun {
     pub rejected: u64,
     /// The integration source the run belongs to, when its chunks named one.
     pub sync_service_id: Option<String>,
+    /// What DIRE made of the run's updates.
+    pub reconciled: Outcome,
 }
 
 impl Store {
@@ -284,6 +289,7 @@ impl Store {
         }
         let now = unix_secs();
         let (mut devices, mut rejected) = (0u64, 0u64);
+        let mut sightings = Vec::new();
         {
             let mut chunks = tx
                 .prepare(
@@ -330,9 +336,13 @@ impl Store {
                         ])
                         .map_err(sql)?;
                     devices += 1;
+                    sightings.push((d.partition.clone(), sighting(d)));
                 }
             }
         }
+        // DIRE (gateway.md §5), in this transaction: nothing partial is
+        // applied.
+        let reconciled = reconcile_run(tx, &owner.tenant, run_id, sightings, now).map_err(sql)?;
         tx.execute(
             "DELETE FROM staged_chunks WHERE tenant = ?1 AND agent_id = ?2 AND run_id = ?3",
             params![owner.tenant, owner.agent_id, run_id],
@@ -360,6 +370,7 @@ impl Store {
             devices,
             rejected,
             sync_service_id,
+            reconciled,
         }))
     }
 }
@@ -383,6 +394,64 @@ fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRow> {
         last_seen: r.get(10)?,
         last_run_id: r.get(11)?,
     })
+}
+
+/// Reconciles a whole run's sightings in a fixed order (so the outcome does
+/// not depend on the order its chunks came in) inside `tx`.
+pub(super) fn reconcile_run(
+    tx: &Transaction<'_>,
+    tenant: &str,
+    run_id: &str,
+    mut sightings: Vec<(String, Sighting)>,
+    now: i64,
+) -> rusqlite::Result<Outcome> {
+    let mut outcome = Outcome::default();
+    reconcile::order(&mut sightings);
+    let mut index = SqliteIndex { tx };
+    for (partition, sighting) in sightings {
+        let scope = Scope {
+            tenant,
+            partition: &partition,
+        };
+        reconcile::reconcile(&mut index, scope, sighting, run_id, now, &mut outcome)?;
+    }
+    Ok(outcome)
+}
+
+impl Store {
+    /// Reconciles sightings as one run of `tenant` (what a completed run
+    /// does after staging; benchmarks and tests drive DIRE through this).
+    /// `sightings` pairs each with its partition.
+    pub async fn reconcile_run(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        sightings: Vec<(String, Sighting)>,
+        now: i64,
+    ) -> Result<Outcome, StoreError> {
+        let store = self.clone();
+        let (tenant, run_id) = (tenant.to_owned(), run_id.to_owned());
+        self.call_mut(move |c| {
+            let sql = |e| store.sql(e);
+            let tx = c.transaction().map_err(sql)?;
+            let outcome = reconcile_run(&tx, &tenant, &run_id, sightings, now).map_err(sql)?;
+            tx.commit().map_err(sql)?;
+            Ok(outcome)
+        })
+        .await
+    }
+}
+
+/// What a staged update tells DIRE.
+fn sighting(d: StagedDevice) -> Sighting {
+    Sighting {
+        identifiers: identifiers_of(&d.metadata, d.mac.as_deref()),
+        ip: d.ip,
+        mac: d.mac,
+        hostname: d.hostname,
+        source: d.source,
+        metadata: d.metadata,
+    }
 }
 
 fn metadata_json(metadata: &Map<String, Value>) -> String {
@@ -477,6 +546,11 @@ mod tests {
                 devices: 3,
                 rejected: 3,
                 sync_service_id: Some("src-1".into()),
+                reconciled: Outcome {
+                    created: 2,
+                    updated: 1,
+                    merged: 0
+                },
             }]
         );
         assert_eq!(store.device_count().await.unwrap(), 2);

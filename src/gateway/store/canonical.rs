@@ -1,0 +1,432 @@
+//! Canonical devices on SQLite: the DIRE index ([`DeviceIndex`]) over one
+//! transaction, listing, and undoing merges (gateway.md §5).
+
+use rusqlite::{params, OptionalExtension, Transaction};
+use serde_json::Value;
+
+use super::{Store, StoreError};
+use crate::clock::unix_secs;
+use crate::gateway::dire::reconcile::{self, metadata_map, DeviceIndex, MergeRecord, Scope};
+use crate::gateway::dire::{CanonicalDevice, Identifier};
+
+/// The DIRE index over an open transaction.
+pub(crate) struct SqliteIndex<'t> {
+    pub tx: &'t Transaction<'t>,
+}
+
+const DEVICE_COLUMNS: &str = "SELECT id, tenant, partition, ip, mac, hostname, sources, metadata,
+    first_seen, last_seen, last_run_id, merged_into, identifiers FROM canonical_devices";
+
+fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CanonicalDevice> {
+    let sources: String = r.get(6)?;
+    let metadata: String = r.get(7)?;
+    let identifiers: String = r.get(12)?;
+    Ok(CanonicalDevice {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        partition: r.get(2)?,
+        ip: r.get(3)?,
+        mac: r.get(4)?,
+        hostname: r.get(5)?,
+        // Written by this module; unreadable JSON reads as empty.
+        sources: serde_json::from_str(&sources).unwrap_or_default(),
+        metadata: metadata_map(serde_json::from_str(&metadata).unwrap_or(Value::Null)),
+        first_seen: r.get(8)?,
+        last_seen: r.get(9)?,
+        last_run_id: r.get(10)?,
+        merged_into: r.get(11)?,
+        identifiers: serde_json::from_str(&identifiers).unwrap_or_default(),
+    })
+}
+
+fn to_json(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+}
+
+impl DeviceIndex for SqliteIndex<'_> {
+    type Error = rusqlite::Error;
+
+    fn holder(&mut self, scope: Scope<'_>, id: &Identifier) -> rusqlite::Result<Option<String>> {
+        self.tx
+            .prepare_cached(
+                "SELECT device_id FROM device_identifiers
+                 WHERE tenant = ?1 AND partition = ?2 AND kind = ?3 AND value = ?4",
+            )?
+            .query_row(
+                params![scope.tenant, scope.partition, id.kind.as_str(), id.value],
+                |r| r.get(0),
+            )
+            .optional()
+    }
+
+    fn holder_of_ip(&mut self, scope: Scope<'_>, ip: &str) -> rusqlite::Result<Option<String>> {
+        self.tx
+            .prepare_cached(
+                "SELECT id FROM canonical_devices WHERE tenant = ?1 AND partition = ?2 AND ip = ?3",
+            )?
+            .query_row(params![scope.tenant, scope.partition, ip], |r| r.get(0))
+            .optional()
+    }
+
+    fn load(
+        &mut self,
+        _scope: Scope<'_>,
+        device: &str,
+    ) -> rusqlite::Result<Option<CanonicalDevice>> {
+        self.tx
+            .prepare_cached(&format!("{DEVICE_COLUMNS} WHERE id = ?1"))?
+            .query_row([device], device_row)
+            .optional()
+    }
+
+    fn release_ip(&mut self, scope: Scope<'_>, ip: &str, keeper: &str) -> rusqlite::Result<()> {
+        self.tx
+            .prepare_cached(
+                "UPDATE canonical_devices SET ip = NULL
+                 WHERE tenant = ?1 AND partition = ?2 AND ip = ?3 AND id <> ?4",
+            )?
+            .execute(params![scope.tenant, scope.partition, ip, keeper])?;
+        Ok(())
+    }
+
+    fn store(&mut self, device: &CanonicalDevice) -> rusqlite::Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO canonical_devices (id, tenant, partition, ip, mac, hostname, sources,
+                     metadata, first_seen, last_seen, last_run_id, merged_into, identifiers)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                 ON CONFLICT (id) DO UPDATE SET ip = excluded.ip, mac = excluded.mac,
+                     hostname = excluded.hostname, sources = excluded.sources,
+                     metadata = excluded.metadata, first_seen = excluded.first_seen,
+                     last_seen = excluded.last_seen, last_run_id = excluded.last_run_id,
+                     merged_into = excluded.merged_into, identifiers = excluded.identifiers",
+            )?
+            .execute(params![
+                device.id,
+                device.tenant,
+                device.partition,
+                device.ip,
+                device.mac,
+                device.hostname,
+                to_json(&device.sources),
+                to_json(&device.metadata),
+                device.first_seen,
+                device.last_seen,
+                device.last_run_id,
+                device.merged_into,
+                to_json(&device.identifiers),
+            ])?;
+        Ok(())
+    }
+
+    fn attach(&mut self, scope: Scope<'_>, id: &Identifier, device: &str) -> rusqlite::Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO device_identifiers (tenant, partition, kind, value, device_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (tenant, partition, kind, value) DO UPDATE SET device_id = excluded.device_id",
+            )?
+            .execute(params![scope.tenant, scope.partition, id.kind.as_str(), id.value, device])?;
+        Ok(())
+    }
+
+    fn record_merge(&mut self, merge: &MergeRecord) -> rusqlite::Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO device_merges (tenant, partition, from_device, into_device, reason,
+                     identifiers, from_before, into_before, merged_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                merge.tenant,
+                merge.partition,
+                merge.from,
+                merge.into,
+                merge.reason,
+                to_json(&merge.identifiers),
+                to_json(&with_identifiers(&merge.from_before)),
+                to_json(&with_identifiers(&merge.into_before)),
+                merge.at,
+            ])?;
+        Ok(())
+    }
+}
+
+/// Devices are serialised with their identifiers for the audit trail.
+fn with_identifiers(device: &CanonicalDevice) -> Value {
+    serde_json::to_value(device).unwrap_or(Value::Null)
+}
+
+fn device_from_json(value: &str) -> Option<CanonicalDevice> {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        id: String,
+        tenant: String,
+        partition: String,
+        ip: Option<String>,
+        mac: Option<String>,
+        hostname: Option<String>,
+        sources: Vec<String>,
+        metadata: Value,
+        first_seen: i64,
+        last_seen: i64,
+        last_run_id: String,
+        merged_into: Option<String>,
+        identifiers: Vec<Identifier>,
+    }
+    let s: Stored = serde_json::from_str(value).ok()?;
+    Some(CanonicalDevice {
+        id: s.id,
+        tenant: s.tenant,
+        partition: s.partition,
+        ip: s.ip,
+        mac: s.mac,
+        hostname: s.hostname,
+        sources: s.sources,
+        metadata: metadata_map(s.metadata),
+        first_seen: s.first_seen,
+        last_seen: s.last_seen,
+        last_run_id: s.last_run_id,
+        merged_into: s.merged_into,
+        identifiers: s.identifiers,
+    })
+}
+
+/// Filters for listing canonical devices.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceFilter {
+    pub tenant: Option<String>,
+    pub partition: Option<String>,
+    pub source: Option<String>,
+    pub ip: Option<String>,
+    /// Include devices merged into others.
+    pub include_merged: bool,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+/// An audited merge as listed.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct MergeRow {
+    pub id: i64,
+    pub tenant: String,
+    pub partition: String,
+    pub from_device: String,
+    pub into_device: String,
+    pub reason: String,
+    pub identifiers: Vec<Identifier>,
+    pub merged_at: i64,
+    pub undone_at: Option<i64>,
+}
+
+impl Store {
+    /// Canonical devices matching `filter`, by (tenant, partition, id), with
+    /// their identifiers.
+    pub async fn canonical_devices(
+        &self,
+        filter: DeviceFilter,
+    ) -> Result<Vec<CanonicalDevice>, StoreError> {
+        let store = self.clone();
+        self.call_mut(move |c| {
+            let sql = |e| store.sql(e);
+            let tx = c.transaction().map_err(sql)?;
+            let devices = {
+                let mut stmt = tx
+                    .prepare(&format!(
+                        "{DEVICE_COLUMNS}
+                         WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR partition = ?2)
+                           AND (?3 IS NULL OR EXISTS (SELECT 1 FROM json_each(sources) WHERE value = ?3))
+                           AND (?4 IS NULL OR ip = ?4) AND (?5 OR merged_into IS NULL)
+                         ORDER BY tenant, partition, id LIMIT ?6 OFFSET ?7"
+                    ))
+                    .map_err(sql)?;
+                let rows = stmt
+                    .query_map(
+                        params![
+                            filter.tenant,
+                            filter.partition,
+                            filter.source,
+                            filter.ip,
+                            filter.include_merged,
+                            filter.limit as i64,
+                            filter.offset as i64
+                        ],
+                        device_row,
+                    )
+                    .map_err(sql)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>().map_err(sql)?
+            };
+            Ok(devices)
+        })
+        .await
+    }
+
+    /// One canonical device by id.
+    pub async fn canonical_device(&self, id: &str) -> Result<Option<CanonicalDevice>, StoreError> {
+        let store = self.clone();
+        let id = id.to_owned();
+        self.call_mut(move |c| {
+            let sql = |e| store.sql(e);
+            let tx = c.transaction().map_err(sql)?;
+            let scope = Scope {
+                tenant: "",
+                partition: "",
+            };
+            SqliteIndex { tx: &tx }.load(scope, &id).map_err(sql)
+        })
+        .await
+    }
+
+    /// Live canonical devices (not merged into another).
+    pub async fn canonical_device_count(&self) -> Result<u64, StoreError> {
+        self.call(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM canonical_devices WHERE merged_into IS NULL",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .await
+        .map(|n| n as u64)
+    }
+
+    /// Merges recorded for a device (as survivor or as merged), newest first.
+    pub async fn merges_of(&self, device: &str) -> Result<Vec<MergeRow>, StoreError> {
+        let device = device.to_owned();
+        self.call(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT id, tenant, partition, from_device, into_device, reason, identifiers,
+                        merged_at, undone_at
+                 FROM device_merges WHERE from_device = ?1 OR into_device = ?1 ORDER BY id DESC",
+            )?;
+            let rows = stmt.query_map([device], |r| {
+                let identifiers: String = r.get(6)?;
+                Ok(MergeRow {
+                    id: r.get(0)?,
+                    tenant: r.get(1)?,
+                    partition: r.get(2)?,
+                    from_device: r.get(3)?,
+                    into_device: r.get(4)?,
+                    reason: r.get(5)?,
+                    identifiers: serde_json::from_str(&identifiers).unwrap_or_default(),
+                    merged_at: r.get(7)?,
+                    undone_at: r.get(8)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Reverses the latest merge into `device` that is not undone yet:
+    /// the merged device comes back as it was, with its identifiers, and the
+    /// survivor loses what it brought. Returns the merge undone, if any.
+    pub async fn unmerge(&self, device: &str) -> Result<Option<MergeRow>, StoreError> {
+        let store = self.clone();
+        let device = device.to_owned();
+        self.call_mut(move |c| {
+            let sql = |e| store.sql(e);
+            let corrupt = |what: &str| StoreError::Corrupt {
+                path: store.path().to_owned(),
+                reason: format!("merge audit of {device}: {what}"),
+            };
+            let tx = c.transaction().map_err(sql)?;
+            let latest = tx
+                .query_row(
+                    "SELECT id, tenant, partition, from_device, into_device, reason, identifiers,
+                            from_before, into_before, merged_at
+                     FROM device_merges WHERE into_device = ?1 AND undone_at IS NULL
+                     ORDER BY id DESC LIMIT 1",
+                    [&device],
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, String>(4)?,
+                            r.get::<_, String>(5)?,
+                            r.get::<_, String>(6)?,
+                            r.get::<_, String>(7)?,
+                            r.get::<_, String>(8)?,
+                            r.get::<_, i64>(9)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(sql)?;
+            let Some((
+                id,
+                tenant,
+                partition,
+                from,
+                into,
+                reason,
+                ids,
+                from_before,
+                into_before,
+                at,
+            )) = latest
+            else {
+                return Ok(None);
+            };
+            let identifiers: Vec<Identifier> =
+                serde_json::from_str(&ids).map_err(|_| corrupt("identifiers"))?;
+            let record = MergeRecord {
+                tenant: tenant.clone(),
+                partition: partition.clone(),
+                from: from.clone(),
+                into: into.clone(),
+                reason: reason.clone(),
+                identifiers: identifiers.clone(),
+                from_before: device_from_json(&from_before)
+                    .ok_or_else(|| corrupt("from_before"))?,
+                into_before: device_from_json(&into_before)
+                    .ok_or_else(|| corrupt("into_before"))?,
+                at,
+            };
+            let scope = Scope {
+                tenant: &tenant,
+                partition: &partition,
+            };
+            let mut index = SqliteIndex { tx: &tx };
+            let into_now = index
+                .load(scope, &into)
+                .map_err(sql)?
+                .ok_or_else(|| corrupt("the surviving device is gone"))?;
+            let (mut restored_from, restored_into) = reconcile::unmerged(&record, &into_now);
+            // The merged device gets its IP back only if nobody took it since.
+            if let Some(ip) = &restored_from.ip {
+                let holder = index.holder_of_ip(scope, ip).map_err(sql)?;
+                if holder.is_some_and(|h| h != into || restored_into.ip.as_deref() == Some(ip)) {
+                    restored_from.ip = None;
+                }
+            }
+            restored_from.merged_into = None;
+            index.store(&restored_into).map_err(sql)?;
+            index.store(&restored_from).map_err(sql)?;
+            for identifier in &identifiers {
+                index.attach(scope, identifier, &from).map_err(sql)?;
+            }
+            let now = unix_secs();
+            tx.execute(
+                "UPDATE device_merges SET undone_at = ?2 WHERE id = ?1",
+                params![id, now],
+            )
+            .map_err(sql)?;
+            tx.commit().map_err(sql)?;
+            Ok(Some(MergeRow {
+                id,
+                tenant,
+                partition,
+                from_device: from,
+                into_device: into,
+                reason,
+                identifiers,
+                merged_at: at,
+                undone_at: Some(now),
+            }))
+        })
+        .await
+    }
+}

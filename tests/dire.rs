@@ -1,0 +1,378 @@
+//! DIRE invariants (gateway.md §5) on the SQLite backend: churn never
+//! multiplies devices, scopes never meet, replays change nothing, MAC-only
+//! conflicts never merge, merges are audited and reversible, IP-only updates
+//! land on the IP's holder, and the order of a run's updates does not matter.
+
+use serde_json::{json, Map, Value};
+use serviceradar_agent::device::UpdateContext;
+use serviceradar_agent::gateway::dire::{CanonicalDevice, IdKind, Identifier, Sighting};
+use serviceradar_agent::gateway::store::{DeviceFilter, Store};
+use serviceradar_agent::sources::armis::mapping::{map_device_owned, Mapped};
+use serviceradar_agent::sources::faker::{FakerGenerator, FakerSettings};
+
+fn store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("gw.db")).unwrap();
+    (dir, store)
+}
+
+fn sighting(metadata: Value, ip: Option<&str>, mac: Option<&str>, source: &str) -> Sighting {
+    let metadata: Map<String, Value> = metadata.as_object().cloned().unwrap_or_default();
+    Sighting {
+        identifiers: serviceradar_agent::gateway::dire::identifiers_of(&metadata, mac),
+        ip: ip.map(str::to_owned),
+        mac: mac.map(str::to_owned),
+        hostname: None,
+        source: source.to_owned(),
+        metadata,
+    }
+}
+
+fn armis(id: &str, ip: &str, mac: Option<&str>) -> Sighting {
+    sighting(json!({"armis_device_id": id}), Some(ip), mac, "armis")
+}
+
+async fn devices(store: &Store, tenant: Option<&str>) -> Vec<CanonicalDevice> {
+    store
+        .canonical_devices(DeviceFilter {
+            tenant: tenant.map(str::to_owned),
+            limit: 1_000_000,
+            ..DeviceFilter::default()
+        })
+        .await
+        .unwrap()
+}
+
+async fn run(store: &Store, tenant: &str, run_id: &str, sightings: Vec<Sighting>, now: i64) {
+    let sightings = sightings
+        .into_iter()
+        .map(|s| ("default".to_owned(), s))
+        .collect();
+    store
+        .reconcile_run(tenant, run_id, sightings, now)
+        .await
+        .unwrap();
+}
+
+/// One Faker run as the agent would send it, as sightings.
+fn faker_run(generator: &FakerGenerator) -> Vec<Sighting> {
+    let ctx = UpdateContext {
+        agent_id: "edge-1".into(),
+        gateway_id: "gw".into(),
+        partition: "default".into(),
+        source: "faker",
+        timestamp: "2026-01-01T00:00:00Z".into(),
+    };
+    generator
+        .devices()
+        .filter_map(
+            |device| match map_device_owned(device, &ctx, "faker", None, &[]) {
+                Mapped::Update(update) => Some(Sighting::from_update(&update)),
+                _ => None,
+            },
+        )
+        .collect()
+}
+
+#[tokio::test]
+async fn faker_churn_keeps_exactly_one_device_per_device() {
+    let (_dir, store) = store();
+    let mut generator = FakerGenerator::new(FakerSettings {
+        total_devices: 50_000,
+        seed: 11,
+        churn_percent: 5.0,
+    });
+    generator.next_run(); // run 1: the pristine layout; churn from run 2 on
+    let mut previous: Option<std::collections::BTreeMap<String, Option<String>>> = None;
+    for round in 0..10 {
+        let sightings = faker_run(&generator);
+        assert_eq!(sightings.len(), 50_000);
+        // Armis id → IP this round; about 5% of devices moved.
+        let ips: std::collections::BTreeMap<String, Option<String>> = sightings
+            .iter()
+            .map(|s| (s.identifiers[0].value.clone(), s.ip.clone()))
+            .collect();
+        if let Some(previous) = &previous {
+            let moved = ips
+                .iter()
+                .filter(|(id, ip)| previous.get(*id) != Some(ip))
+                .count();
+            assert!(
+                moved > 1_000,
+                "round {round}: only {moved} devices changed IP"
+            );
+        }
+        previous = Some(ips);
+        run(
+            &store,
+            "t1",
+            &format!("run-{round}"),
+            sightings,
+            1_000 + round,
+        )
+        .await;
+        assert_eq!(
+            store.canonical_device_count().await.unwrap(),
+            50_000,
+            "round {round}"
+        );
+        generator.next_run();
+    }
+    // Every live device has exactly its Armis id and an IP nobody else has.
+    let all = devices(&store, Some("t1")).await;
+    assert_eq!(all.len(), 50_000);
+    assert!(all.iter().all(|d| d
+        .identifiers
+        .iter()
+        .filter(|i| i.kind == IdKind::Armis)
+        .count()
+        == 1));
+    let with_ip = all.iter().filter(|d| d.ip.is_some()).count();
+    let distinct: std::collections::BTreeSet<_> =
+        all.iter().filter_map(|d| d.ip.as_ref()).collect();
+    assert_eq!(with_ip, distinct.len());
+}
+
+#[tokio::test]
+async fn scopes_never_meet() {
+    let (_dir, store) = store();
+    // The same Armis id in two partitions of one tenant: two devices.
+    let two_partitions = vec![
+        ("site-a".to_owned(), armis("42", "10.0.0.1", None)),
+        ("site-b".to_owned(), armis("42", "10.0.0.1", None)),
+    ];
+    store
+        .reconcile_run("t1", "r1", two_partitions, 1)
+        .await
+        .unwrap();
+    let t1 = devices(&store, Some("t1")).await;
+    assert_eq!(t1.len(), 2);
+    assert_ne!(t1[0].id, t1[1].id);
+    // Two tenants with identical inventories share nothing.
+    let inventory = || {
+        vec![
+            armis("1", "10.1.0.1", Some("00:1A:2B:00:00:01")),
+            armis("2", "10.1.0.2", Some("00:1A:2B:00:00:02")),
+            sighting(json!({}), Some("10.1.0.3"), None, "netbox"),
+        ]
+    };
+    run(&store, "acme", "r1", inventory(), 1).await;
+    run(&store, "beta", "r1", inventory(), 1).await;
+    let acme = devices(&store, Some("acme")).await;
+    let beta = devices(&store, Some("beta")).await;
+    assert_eq!((acme.len(), beta.len()), (3, 3));
+    for device in &acme {
+        assert!(beta.iter().all(|b| b.id != device.id));
+    }
+}
+
+#[tokio::test]
+async fn replaying_a_run_changes_nothing() {
+    let (_dir, store) = store();
+    let inventory = || {
+        vec![
+            armis("1", "10.0.0.1", Some("00:1A:2B:00:00:01")),
+            armis("2", "10.0.0.2", None),
+            sighting(
+                json!({"netbox_device_id": "7"}),
+                Some("10.0.0.3"),
+                None,
+                "netbox",
+            ),
+            sighting(json!({}), Some("10.0.0.4"), None, "netbox"),
+        ]
+    };
+    run(&store, "t", "r1", inventory(), 100).await;
+    let before = devices(&store, None).await;
+    run(&store, "t", "r1", inventory(), 100).await;
+    assert_eq!(devices(&store, None).await, before);
+}
+
+#[tokio::test]
+async fn a_mac_only_conflict_never_merges() {
+    let (_dir, store) = store();
+    let mac = "00:1A:2B:3C:4D:5E";
+    run(
+        &store,
+        "t",
+        "r1",
+        vec![armis("1", "10.0.0.1", Some(mac))],
+        1,
+    )
+    .await;
+    run(&store, "t", "r2", vec![armis("2", "10.0.0.2", None)], 2).await;
+    // Device 2 reports device 1's MAC (a shared NIC, a VM host): its Armis
+    // id says device 2, the MAC says device 1. Only a MAC ties them: no merge.
+    run(
+        &store,
+        "t",
+        "r3",
+        vec![armis("2", "10.0.0.2", Some(mac))],
+        3,
+    )
+    .await;
+    // A third Armis device with the same MAC is a third device, not device 1
+    // with a second Armis id.
+    run(
+        &store,
+        "t",
+        "r4",
+        vec![armis("3", "10.0.0.3", Some(mac))],
+        4,
+    )
+    .await;
+    let all = devices(&store, None).await;
+    assert_eq!(all.len(), 3, "{all:#?}");
+    let first = all
+        .iter()
+        .find(|d| d.ip.as_deref() == Some("10.0.0.1"))
+        .unwrap();
+    assert!(
+        first.identifiers.contains(&Identifier::mac(mac).unwrap()),
+        "the MAC stays where it was"
+    );
+    for device in &all {
+        assert!(store.merges_of(&device.id).await.unwrap().is_empty());
+        let armis_ids = device
+            .identifiers
+            .iter()
+            .filter(|i| i.kind == IdKind::Armis)
+            .count();
+        assert_eq!(armis_ids, 1, "{device:?}");
+    }
+}
+
+#[tokio::test]
+async fn merges_are_audited_and_unmerge_restores_both_devices() {
+    let (_dir, store) = store();
+    // Armis knows device 9; NetBox knows device 77; neither knows the other.
+    run(&store, "t", "r1", vec![armis("9", "10.0.0.9", None)], 1).await;
+    let netbox = sighting(
+        json!({"netbox_device_id": "77", "site": "lab"}),
+        Some("10.0.0.77"),
+        None,
+        "netbox",
+    );
+    run(&store, "t", "r2", vec![netbox], 2).await;
+    let before = devices(&store, None).await;
+    assert_eq!(before.len(), 2);
+    // An update naming both: one device.
+    let both = sighting(
+        json!({"armis_device_id": "9", "netbox_device_id": "77"}),
+        Some("10.0.0.9"),
+        None,
+        "armis",
+    );
+    run(&store, "t", "r3", vec![both], 3).await;
+    let after = devices(&store, None).await;
+    assert_eq!(after.len(), 1);
+    let survivor = &after[0];
+    assert_eq!(survivor.sources, vec!["armis", "netbox"]);
+    assert!(survivor
+        .identifiers
+        .contains(&Identifier::new(IdKind::Netbox, "77")));
+    let merges = store.merges_of(&survivor.id).await.unwrap();
+    assert_eq!(merges.len(), 1);
+    assert_eq!(
+        merges[0].identifiers,
+        vec![Identifier::new(IdKind::Netbox, "77")]
+    );
+    assert!(
+        merges[0].reason.contains("netbox:77"),
+        "{}",
+        merges[0].reason
+    );
+
+    let undone = store
+        .unmerge(&survivor.id)
+        .await
+        .unwrap()
+        .expect("a merge to undo");
+    assert_eq!(undone.from_device, merges[0].from_device);
+    let restored = devices(&store, None).await;
+    assert_eq!(restored.len(), 2);
+    for original in &before {
+        let now = restored.iter().find(|d| d.id == original.id).unwrap();
+        assert_eq!(now.identifiers, original.identifiers, "{}", original.id);
+        assert_eq!(now.sources, original.sources, "{}", original.id);
+        assert_eq!(
+            now.metadata.keys().collect::<Vec<_>>(),
+            original.metadata.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(now.merged_into, None);
+    }
+    assert!(
+        store.unmerge(&survivor.id).await.unwrap().is_none(),
+        "nothing left to undo"
+    );
+}
+
+#[tokio::test]
+async fn ip_only_updates_land_on_the_ip_holder_and_ips_move() {
+    let (_dir, store) = store();
+    run(&store, "t", "r1", vec![armis("1", "10.0.0.5", None)], 1).await;
+    let holder = devices(&store, None).await.remove(0);
+    // An update with no strong identifier at that IP: the same device.
+    let ip_only = sighting(json!({"os": "linux"}), Some("10.0.0.5"), None, "netbox");
+    run(&store, "t", "r2", vec![ip_only], 2).await;
+    let all = devices(&store, None).await;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].id, holder.id);
+    assert_eq!(all[0].sources, vec!["armis", "netbox"]);
+    // DHCP churn: a new Armis device gets that IP. It is a new device (never
+    // attached to the IP holder), and the old holder loses the IP.
+    run(&store, "t", "r3", vec![armis("2", "10.0.0.5", None)], 3).await;
+    let all = devices(&store, None).await;
+    assert_eq!(all.len(), 2);
+    let old = all.iter().find(|d| d.id == holder.id).unwrap();
+    let new = all.iter().find(|d| d.id != holder.id).unwrap();
+    assert_eq!(
+        (old.ip.as_deref(), new.ip.as_deref()),
+        (None, Some("10.0.0.5"))
+    );
+}
+
+#[tokio::test]
+async fn the_order_of_a_runs_updates_does_not_matter() {
+    // Updates that interact: an IP handed from one device to another, an
+    // IP-only update, a merge.
+    let inventory = vec![
+        armis("1", "10.0.0.2", None),
+        armis("2", "10.0.0.3", None),
+        sighting(json!({}), Some("10.0.0.3"), None, "netbox"),
+        sighting(
+            json!({"armis_device_id": "1", "netbox_device_id": "5"}),
+            Some("10.0.0.2"),
+            None,
+            "netbox",
+        ),
+        sighting(
+            json!({"netbox_device_id": "5"}),
+            Some("10.0.0.9"),
+            None,
+            "netbox",
+        ),
+    ];
+    let mut outcomes = Vec::new();
+    for rotation in 0..inventory.len() {
+        let (_dir, store) = store();
+        run(
+            &store,
+            "t",
+            "seed",
+            vec![armis("1", "10.0.0.1", None), armis("2", "10.0.0.2", None)],
+            1,
+        )
+        .await;
+        let mut order = inventory.clone();
+        order.rotate_left(rotation);
+        if rotation % 2 == 1 {
+            order.reverse();
+        }
+        run(&store, "t", "r", order, 2).await;
+        outcomes.push(devices(&store, None).await);
+    }
+    for outcome in &outcomes[1..] {
+        assert_eq!(outcome, &outcomes[0]);
+    }
+}
