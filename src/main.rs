@@ -66,6 +66,8 @@ enum Command {
     },
     /// Benchmark the agent pipeline against a validate-only loopback gateway.
     Bench(bench::BenchArgs),
+    /// Benchmark device identity reconciliation (DIRE) on SQLite.
+    BenchDire(bench::dire::DireBenchArgs),
     /// Serve the Armis API from the deterministic Faker generator.
     Faker(faker_server::FakerArgs),
     /// Internal: the agent side of one benchmark run (spawned by `bench`).
@@ -156,6 +158,10 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Some(Command::Bench(args)) => {
             init_logging(Some(level.unwrap_or("warn")), None);
             bench::run(args)
+        }
+        Some(Command::BenchDire(args)) => {
+            init_logging(Some(level.unwrap_or("warn")), None);
+            bench::dire::run(args)
         }
         Some(Command::Faker(args)) => {
             init_logging(level, None);

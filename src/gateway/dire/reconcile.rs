@@ -59,6 +59,8 @@ pub trait DeviceIndex {
     /// Creates or updates a device's row, with its list of identifiers (the
     /// index of who holds which identifier is kept by [`Self::attach`]).
     fn store(&mut self, device: &CanonicalDevice) -> Result<(), Self::Error>;
+    /// Only `last_seen` and `last_run_id` of a device changed.
+    fn touch(&mut self, device: &str, last_seen: i64, run_id: &str) -> Result<(), Self::Error>;
     /// Points `id` at `device` (inserting or moving it).
     fn attach(
         &mut self,
@@ -101,9 +103,30 @@ pub fn reconcile<I: DeviceIndex>(
         .iter()
         .filter(|id| !(has_strong && id.is_medium_confidence()))
         .collect();
+    // Who holds each identifier. A device loaded on the way answers for
+    // the identifiers it holds without another query (in a steady re-sync,
+    // the strongest identifier finds the device and the rest are its own).
+    let mut loaded: Vec<CanonicalDevice> = Vec::new();
     let mut hits: Vec<(&Identifier, Option<String>)> = Vec::with_capacity(usable.len());
     for id in usable {
-        let holder = index.holder(scope, id)?;
+        let known = loaded
+            .iter()
+            .find(|d| d.identifiers.contains(id))
+            .map(|d| d.id.clone());
+        let holder = match known {
+            Some(holder) => Some(holder),
+            None => {
+                let holder = index.holder(scope, id)?;
+                if let Some(holder) = &holder {
+                    if !loaded.iter().any(|d| d.id == *holder) {
+                        if let Some(device) = index.load(scope, holder)? {
+                            loaded.push(device);
+                        }
+                    }
+                }
+                holder
+            }
+        };
         hits.push((id, holder));
     }
 
@@ -113,17 +136,12 @@ pub fn reconcile<I: DeviceIndex>(
     let mut canonical = None;
     for (_, holder) in &hits {
         let Some(id) = holder else { continue };
-        if canonical
-            .as_ref()
-            .is_some_and(|d: &CanonicalDevice| d.id == *id)
-        {
+        let Some(position) = loaded.iter().position(|d| d.id == *id) else {
             continue;
-        }
-        if let Some(device) = index.load(scope, id)? {
-            if !contradicts(&device, &sighting) {
-                canonical = Some(device);
-                break;
-            }
+        };
+        if !contradicts(&loaded[position], &sighting) {
+            canonical = Some(loaded.swap_remove(position));
+            break;
         }
     }
     let mut device = match canonical {
@@ -162,6 +180,7 @@ pub fn reconcile<I: DeviceIndex>(
 
     // Identifiers the device does not hold yet. One held by a device that
     // was not merged (a MAC-only link) stays where it is.
+    let mut attached = false;
     for id in &sighting.identifiers {
         let holder = hits
             .iter()
@@ -174,6 +193,7 @@ pub fn reconcile<I: DeviceIndex>(
         if attach && !device.identifiers.contains(id) {
             index.attach(scope, id, &device.id)?;
             device.identifiers.push(id.clone());
+            attached = true;
         }
     }
 
@@ -183,8 +203,13 @@ pub fn reconcile<I: DeviceIndex>(
             index.release_ip(scope, ip, &device.id)?;
         }
     }
-    apply(&mut device, sighting, run_id, now);
-    index.store(&device)?;
+    let attributes_changed = apply(&mut device, sighting, run_id, now);
+    if created || attributes_changed || !merged.is_empty() || attached {
+        index.store(&device)?;
+    } else {
+        // A re-sync that only confirms the device: move the clock.
+        index.touch(&device.id, device.last_seen, run_id)?;
+    }
     if created {
         outcome.created += 1;
     } else {
@@ -232,26 +257,37 @@ fn new_device(scope: Scope<'_>, sighting: &Sighting, now: i64) -> CanonicalDevic
     }
 }
 
-/// The sighting's attributes become the device's current ones.
-fn apply(device: &mut CanonicalDevice, sighting: Sighting, run_id: &str, now: i64) {
-    if sighting.ip.is_some() {
-        device.ip = sighting.ip;
-    }
-    if sighting.mac.is_some() {
-        device.mac = sighting.mac;
-    }
-    if sighting.hostname.is_some() {
-        device.hostname = sighting.hostname;
+/// The sighting's attributes become the device's current ones. Returns
+/// whether anything but `last_seen` and `last_run_id` changed.
+fn apply(device: &mut CanonicalDevice, sighting: Sighting, run_id: &str, now: i64) -> bool {
+    let mut changed = false;
+    for (field, new) in [
+        (&mut device.ip, sighting.ip),
+        (&mut device.mac, sighting.mac),
+        (&mut device.hostname, sighting.hostname),
+    ] {
+        if new.is_some() && *field != new {
+            *field = new;
+            changed = true;
+        }
     }
     if !device.sources.contains(&sighting.source) {
         device.sources.push(sighting.source.clone());
         device.sources.sort();
+        changed = true;
     }
-    device.metadata.insert(sighting.source, sighting.metadata);
+    if device.metadata.get(&sighting.source) != Some(&sighting.metadata) {
+        device.metadata.insert(sighting.source, sighting.metadata);
+        changed = true;
+    }
     device.identifiers.sort();
-    device.first_seen = device.first_seen.min(now);
+    if now < device.first_seen {
+        device.first_seen = now;
+        changed = true;
+    }
     device.last_seen = device.last_seen.max(now);
     device.last_run_id = run_id.to_owned();
+    changed
 }
 
 /// Folds `from` into `into`: identifiers move, sources and metadata join,

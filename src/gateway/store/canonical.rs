@@ -119,6 +119,15 @@ impl DeviceIndex for SqliteIndex<'_> {
         Ok(())
     }
 
+    fn touch(&mut self, device: &str, last_seen: i64, run_id: &str) -> rusqlite::Result<()> {
+        self.tx
+            .prepare_cached(
+                "UPDATE canonical_devices SET last_seen = ?2, last_run_id = ?3 WHERE id = ?1",
+            )?
+            .execute(params![device, last_seen, run_id])?;
+        Ok(())
+    }
+
     fn attach(&mut self, scope: Scope<'_>, id: &Identifier, device: &str) -> rusqlite::Result<()> {
         self.tx
             .prepare_cached(

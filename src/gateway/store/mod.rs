@@ -125,8 +125,12 @@ impl Store {
             .map_err(sql)?;
         // WAL + NORMAL is durable across application crashes; an OS crash may
         // lose the last transactions, which agents resend (idempotent).
-        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
-            .map_err(sql)?;
+        // A 64 MiB page cache: reconciling a large run touches the device
+        // and identifier indexes all over (the default is 2 MiB).
+        conn.execute_batch(
+            "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA cache_size = -65536;",
+        )
+        .map_err(sql)?;
         migrate(&mut conn, path)?;
         let orphans = conn
             .execute("DELETE FROM staged_chunks WHERE stream_id IS NOT NULL", [])

@@ -10,6 +10,8 @@
 //! The gateway (and the Faker server) run in this process; the agent runs
 //! in a child process (`bench-agent`) so its peak RSS is measured alone.
 
+pub mod dire;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
