@@ -376,3 +376,76 @@ async fn the_order_of_a_runs_updates_does_not_matter() {
         assert_eq!(outcome, &outcomes[0]);
     }
 }
+
+mod order_independence {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Sightings over a small universe of Armis ids, NetBox ids, MACs and
+    /// IPs, so that they collide: shared IPs, shared MACs, merges.
+    fn arb_sighting() -> impl Strategy<Value = Sighting> {
+        (
+            prop::option::of(0u8..6),
+            prop::option::of(0u8..4),
+            prop::option::of(0u8..4),
+            prop::option::of(0u8..5),
+            prop::sample::select(vec!["armis", "netbox"]),
+            0u8..3,
+        )
+            .prop_filter("an IP or a strong identifier", |(a, n, m, ip, _, _)| {
+                a.is_some() || n.is_some() || m.is_some() || ip.is_some()
+            })
+            .prop_map(|(armis_id, netbox_id, mac, ip, source, tag)| {
+                let mut metadata = json!({"tag": tag.to_string()});
+                if let Some(a) = armis_id {
+                    metadata["armis_device_id"] = json!(a.to_string());
+                }
+                if let Some(n) = netbox_id {
+                    metadata["netbox_device_id"] = json!(n.to_string());
+                }
+                let mac = mac.map(|m| format!("00:1A:2B:00:00:{m:02X}"));
+                let ip = ip.map(|i| format!("10.0.0.{i}"));
+                sighting(metadata, ip.as_deref(), mac.as_deref(), source)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn any_order_of_a_run_gives_the_same_devices(
+            seed_run in prop::collection::vec(arb_sighting(), 0..8),
+            run in prop::collection::vec(arb_sighting(), 1..14)
+                .prop_flat_map(|v| { let n = v.len(); (Just(v), Just(()).prop_perturb(move |_, mut rng| {
+                    let mut order: Vec<usize> = (0..n).collect();
+                    for i in (1..n).rev() { order.swap(i, rng.random_range(0..=i)); }
+                    order
+                })) }),
+        ) {
+            let (sightings, permutation) = run;
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let outcome = |order: Vec<Sighting>| {
+                runtime.block_on(async {
+                    let (_dir, store) = store();
+                    super::run(&store, "t", "seed", seed_run.clone(), 1).await;
+                    super::run(&store, "t", "r", order, 2).await;
+                    devices(&store, None).await
+                })
+            };
+            let shuffled: Vec<Sighting> = permutation.iter().map(|&i| sightings[i].clone()).collect();
+            let first = outcome(sightings.clone());
+            // Structural invariants: an identifier and an IP belong to one
+            // live device at most.
+            let mut identifiers = std::collections::BTreeSet::new();
+            let mut ips = std::collections::BTreeSet::new();
+            for device in &first {
+                for id in &device.identifiers {
+                    prop_assert!(identifiers.insert(id.clone()), "{} held twice", id);
+                }
+                if let Some(ip) = &device.ip {
+                    prop_assert!(ips.insert(ip.clone()), "{} held twice", ip);
+                }
+            }
+            prop_assert_eq!(first, outcome(shuffled));
+        }
+    }
+}

@@ -157,6 +157,11 @@ pub struct Sighting {
 }
 
 impl Sighting {
+    /// The total order a run is reconciled in (see [`reconcile::order`]).
+    pub(crate) fn tie_cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.tie_key().cmp(&other.tie_key())
+    }
+
     /// The sighting an agent's update becomes once ingested (used by
     /// benchmarks and tests that generate updates without a gateway).
     pub fn from_update(update: &crate::device::DeviceUpdate) -> Self {
@@ -185,6 +190,18 @@ impl Sighting {
     /// chunk order and batch size.
     pub fn order_key(&self) -> (Option<&Identifier>, Option<&str>) {
         (self.identifiers.first(), self.ip.as_deref())
+    }
+
+    /// Everything else, for sightings with equal [`Self::order_key`]s.
+    fn tie_key(&self) -> (&[Identifier], Option<&str>, Option<&str>, &str, String) {
+        (
+            &self.identifiers,
+            self.mac.as_deref(),
+            self.hostname.as_deref(),
+            &self.source,
+            // Serialising a map of JSON values cannot fail.
+            serde_json::to_string(&self.metadata).unwrap_or_default(),
+        )
     }
 }
 

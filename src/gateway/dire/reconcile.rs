@@ -81,7 +81,13 @@ pub struct Outcome {
 
 /// Sorts a run's sightings into the order they are reconciled in.
 pub fn order(sightings: &mut [(String, Sighting)]) {
-    sightings.sort_by(|(pa, a), (pb, b)| (pa, a.order_key()).cmp(&(pb, b.order_key())));
+    sightings.sort_by(|(pa, a), (pb, b)| {
+        (pa, a.order_key())
+            .cmp(&(pb, b.order_key()))
+            // Ties (the same device twice in a run, which agents avoid)
+            // are broken on everything else, so the order is total.
+            .then_with(|| a.tie_cmp(b))
+    });
 }
 
 /// Reconciles one sighting; returns the canonical device's id.
