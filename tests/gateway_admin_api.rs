@@ -425,7 +425,15 @@ async fn tenants_are_added_and_listed() {
             .await,
         (StatusCode::OK, json!([]))
     );
-    for bad in ["limit=0", "limit=10001", "limit=ten", "offset=-1", "page=2"] {
+    for bad in [
+        "limit=0",
+        "limit=10001",
+        "limit=ten",
+        "offset=-1",
+        "page=2",
+        "include_merged=maybe",
+        "ip=not-an-ip",
+    ] {
         let answer = api
             .get(&format!("/api/v1/tenants/acme/devices?{bad}"))
             .await;
@@ -733,7 +741,8 @@ async fn the_served_router_matches_the_openapi_document() {
             // would be 404, a wrong method 405), a public one 200.
             let concrete = path
                 .replace("{tenant}", "default")
-                .replace("{source}", "no-such-source");
+                .replace("{source}", "no-such-source")
+                .replace("{device}", "sr:no-such-device");
             let (status, _, text) = anonymous.raw(method.clone(), &concrete, None).await;
             let public = op.get("security") == Some(&json!([]));
             let expected = if public {

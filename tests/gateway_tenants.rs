@@ -8,7 +8,7 @@ mod gateway_support;
 
 use gateway_support::*;
 use serde_json::{json, Value};
-use serviceradar_agent::gateway::admin::{Admin, AdminError};
+use serviceradar_agent::gateway::admin::{Admin, AdminError, DeviceQuery};
 use serviceradar_agent::gateway::integrations::SourceSpec;
 use serviceradar_agent::gateway::{GatewayEvent, GatewayHandle};
 use serviceradar_agent::proto::control_stream_request::Payload as Up;
@@ -237,12 +237,22 @@ async fn two_tenants_with_the_same_names_never_see_each_other() {
             .await
             .unwrap();
     }
-    let acme_devices = t.admin.devices("acme", 1000, 0).await.unwrap();
-    let beta_devices = t.admin.devices("beta", 1000, 0).await.unwrap();
+    let acme_devices = t.admin.devices(&DeviceQuery::tenant("acme")).await.unwrap();
+    let beta_devices = t.admin.devices(&DeviceQuery::tenant("beta")).await.unwrap();
     assert_eq!((acme_devices.len(), beta_devices.len()), (30, 30));
     let acme_id = t.admin.tenant("acme").await.unwrap().id;
-    assert!(acme_devices.iter().all(|d| d.tenant == acme_id));
-    assert!(beta_devices.iter().all(|d| d.tenant != acme_id));
+    assert!(acme_devices
+        .iter()
+        .all(|d| d.device.tenant == acme_id && d.tenant_slug == "acme"));
+    assert!(beta_devices
+        .iter()
+        .all(|d| d.device.tenant != acme_id && d.tenant_slug == "beta"));
+    assert!(
+        acme_devices
+            .iter()
+            .all(|a| beta_devices.iter().all(|b| b.device.id != a.device.id)),
+        "identical inventories, no shared device"
+    );
     let runs = t.admin.store().runs().await.unwrap();
     assert_eq!(runs.len(), 2, "the same run id in two tenants is two runs");
 

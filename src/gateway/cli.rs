@@ -2,7 +2,8 @@
 //! report on stdout in a line format scripts can wait for.
 //!
 //! `serviceradar-agent gateway --config <file> <admin command>`: tenants,
-//! agents, integration sources and onboarding bundles, against the database
+//! agents, integration sources, onboarding bundles and canonical devices,
+//! against the database
 //! named in the gateway config, opened directly (SQLite in WAL mode allows
 //! it while the gateway runs). Every change bumps the database's
 //! administrative generation; a running gateway notices within about two
@@ -16,7 +17,9 @@ use serde_json::{Map, Value};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::admin::onboarding::{self, OnboardRequest, OnboardingBundle, OnboardingSettings};
-use super::admin::{AgentView, SourceView};
+use super::admin::{
+    AgentView, DeviceQuery, DeviceView, SourceView, UnmergeView, DEFAULT_DEVICE_LIMIT,
+};
 use super::integrations::{Credentials, SourcePatch, SourceSpec};
 use super::tenancy::Tenant;
 use super::{open_admin, start, GatewayConfig, GatewayEvent};
@@ -34,6 +37,10 @@ pub enum Admin {
     /// its agents.
     #[command(subcommand)]
     Source(Box<SourceAdmin>),
+    /// Canonical devices of a tenant (DIRE): one per real device, with the
+    /// identifiers that name it; merges can be undone.
+    #[command(subcommand)]
+    Devices(DeviceAdmin),
     /// "Add Edge Agent": write an onboarding bundle (agent.json + certs/)
     /// for an agent of a tenant. Unpack it next to the agent binary and run
     /// `serviceradar-agent --config agent.json`.
@@ -188,6 +195,54 @@ pub enum SourceAdmin {
     },
 }
 
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum DeviceAdmin {
+    /// A tenant's canonical devices, by partition and id.
+    List {
+        /// Tenant slug.
+        #[arg(long)]
+        tenant: String,
+        /// Only this partition.
+        #[arg(long)]
+        partition: Option<String>,
+        /// Only devices this source reported (`armis`, `netbox`, `faker`, …).
+        #[arg(long)]
+        source: Option<String>,
+        /// Only the device holding this IP address.
+        #[arg(long)]
+        ip: Option<String>,
+        /// Devices per page (at most 10000).
+        #[arg(long, default_value_t = DEFAULT_DEVICE_LIMIT)]
+        limit: usize,
+        /// Devices to skip.
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+        /// Also list devices merged into others.
+        #[arg(long)]
+        include_merged: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One device as JSON: identifiers, sources, metadata and its merges.
+    Show {
+        /// Tenant slug.
+        #[arg(long)]
+        tenant: String,
+        /// Canonical device id (`sr:<uuid>`).
+        device: String,
+    },
+    /// Reverses the latest merge into a device: the merged device comes back
+    /// with its identifiers.
+    Unmerge {
+        /// Tenant slug.
+        #[arg(long)]
+        tenant: String,
+        /// Canonical id of the surviving device (`sr:<uuid>`).
+        device: String,
+    },
+}
+
 /// Source fields shared by `source add` and `source update`.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct SourceOptions {
@@ -321,6 +376,7 @@ pub async fn admin(config_path: &Path, command: Admin) -> anyhow::Result<()> {
             print_agents(&admin.agent_list(tenant.as_deref()).await?)
         }
         Admin::Source(command) => source(&admin, *command).await,
+        Admin::Devices(command) => devices(&admin, command).await,
         Admin::OnboardAgent(args) => onboard(&admin, &config, args).await,
     }
 }
@@ -482,6 +538,45 @@ async fn source(admin: &super::admin::Admin, command: SourceAdmin) -> anyhow::Re
                 "source {:?} deleted from tenant {}",
                 view.source.name, view.tenant_slug
             ))
+        }
+    }
+}
+
+async fn devices(admin: &super::admin::Admin, command: DeviceAdmin) -> anyhow::Result<()> {
+    match command {
+        DeviceAdmin::List {
+            tenant,
+            partition,
+            source,
+            ip,
+            limit,
+            offset,
+            include_merged,
+            json,
+        } => {
+            let query = DeviceQuery {
+                tenant,
+                partition,
+                source,
+                ip,
+                include_merged,
+                limit: Some(limit),
+                offset,
+            };
+            let devices = admin.devices(&query).await?;
+            if json {
+                print_line(&serde_json::to_string_pretty(&devices)?)
+            } else {
+                print_devices(&devices)
+            }
+        }
+        DeviceAdmin::Show { tenant, device } => {
+            let detail = admin.device(&tenant, &device).await?;
+            print_line(&serde_json::to_string_pretty(&detail)?)
+        }
+        DeviceAdmin::Unmerge { tenant, device } => {
+            let undone = admin.device_unmerge(&tenant, &device).await?;
+            print_lines(unmerge_lines(&undone))
         }
     }
 }
@@ -739,6 +834,90 @@ fn print_sources(sources: &[SourceView]) -> anyhow::Result<()> {
         ],
         rows,
     ))
+}
+
+fn or_dash(value: Option<&str>) -> String {
+    value.unwrap_or("-").to_owned()
+}
+
+fn identifiers(view: &DeviceView) -> String {
+    let d = &view.device;
+    match &d.merged_into {
+        Some(survivor) => format!("merged into {survivor}"),
+        None if d.identifiers.is_empty() => "-".to_owned(),
+        None => d
+            .identifiers
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    }
+}
+
+fn print_devices(devices: &[DeviceView]) -> anyhow::Result<()> {
+    let rows = devices
+        .iter()
+        .map(|v| {
+            let d = &v.device;
+            [
+                d.id.clone(),
+                d.partition.clone(),
+                or_dash(d.ip.as_deref()),
+                or_dash(d.mac.as_deref()),
+                or_dash(d.hostname.as_deref()),
+                d.sources.join(","),
+                identifiers(v),
+                time(d.last_seen),
+            ]
+        })
+        .collect();
+    print_lines(table(
+        [
+            "ID",
+            "PARTITION",
+            "IP",
+            "MAC",
+            "HOSTNAME",
+            "SOURCES",
+            "IDENTIFIERS",
+            "LAST-SEEN",
+        ],
+        rows,
+    ))
+}
+
+fn unmerge_lines(u: &UnmergeView) -> Vec<String> {
+    let m = &u.undone.merge;
+    let device = |role: &str, v: &DeviceView| {
+        format!(
+            "  {role:<9} {}  ip {}  sources {}  identifiers {}",
+            v.device.id,
+            or_dash(v.device.ip.as_deref()),
+            v.device.sources.join(","),
+            identifiers(v)
+        )
+    };
+    vec![
+        format!(
+            "merge {} of tenant {} undone: {} split from {} (merged {}: {})",
+            m.id,
+            u.undone.tenant_slug,
+            m.from_device,
+            m.into_device,
+            time(m.merged_at),
+            m.reason
+        ),
+        format!(
+            "  gave back {}",
+            m.identifiers
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        device("restored", &u.restored),
+        device("survivor", &u.survivor),
+    ]
 }
 
 /// Starts the gateway from a config file. Prints exactly one

@@ -37,10 +37,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{Admin, AdminError, OnboardRequest, OnboardingSettings};
+use super::{Admin, AdminError, DeviceQuery, OnboardRequest, OnboardingSettings};
 use crate::gateway::config::{AdminApiConfig, ADMIN_TOKEN_ENV};
 use crate::gateway::integrations::{SourcePatch, SourceSpec};
-use crate::gateway::store::DeviceRow;
 use crate::gateway::GatewayError;
 
 /// The OpenAPI 3.1 description of every route in [`ROUTES`].
@@ -50,8 +49,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Shortest token accepted: anything shorter is guessable.
 pub const MIN_TOKEN_CHARS: usize = 16;
 /// `GET …/devices` page size when `limit` is absent, and its upper bound.
-pub const DEFAULT_DEVICE_LIMIT: usize = 100;
-pub const MAX_DEVICE_LIMIT: usize = 10_000;
+pub use super::{DEFAULT_DEVICE_LIMIT, MAX_DEVICE_LIMIT};
 /// How long shutdown waits for in-flight admin requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -226,6 +224,8 @@ pub enum Op {
     SourceDisable,
     SourceAssign,
     DeviceList,
+    DeviceShow,
+    DeviceUnmerge,
 }
 
 /// One route of the API.
@@ -277,6 +277,8 @@ pub const ROUTES: &[Route] = &[
     route(Verb::Post, "/api/v1/tenants/{tenant}/sources/{source}/disable", Op::SourceDisable),
     route(Verb::Post, "/api/v1/tenants/{tenant}/sources/{source}/assign", Op::SourceAssign),
     route(Verb::Get, "/api/v1/tenants/{tenant}/devices", Op::DeviceList),
+    route(Verb::Get, "/api/v1/tenants/{tenant}/devices/{device}", Op::DeviceShow),
+    route(Verb::Post, "/api/v1/tenants/{tenant}/devices/{device}/unmerge", Op::DeviceUnmerge),
 ];
 
 /// State shared by the handlers.
@@ -306,6 +308,8 @@ fn handler(verb: Verb, op: Op) -> MethodRouter<Api> {
         Op::SourceDisable => on(filter, source_disable),
         Op::SourceAssign => on(filter, source_assign),
         Op::DeviceList => on(filter, device_list),
+        Op::DeviceShow => on(filter, device_show),
+        Op::DeviceUnmerge => on(filter, device_unmerge),
     }
 }
 
@@ -772,69 +776,56 @@ async fn source_assign(
         .await?)
 }
 
+/// The query string of `GET …/devices`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Page {
+struct DeviceListQuery {
+    #[serde(default)]
+    partition: Option<String>,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    ip: Option<String>,
+    #[serde(default)]
+    include_merged: Option<bool>,
     #[serde(default)]
     limit: Option<usize>,
     #[serde(default)]
     offset: Option<usize>,
 }
 
-/// A device as the API shows it ([`DeviceRow`] itself is not `Serialize`).
-#[derive(Serialize)]
-struct DeviceView<'a> {
-    tenant: &'a str,
-    partition: &'a str,
-    source: &'a str,
-    device_key: &'a str,
-    ip: Option<&'a str>,
-    mac: Option<&'a str>,
-    hostname: Option<&'a str>,
-    metadata: &'a serde_json::Value,
-    agent_id: &'a str,
-    first_seen: i64,
-    last_seen: i64,
-    last_run_id: &'a str,
-}
-
-impl<'a> From<&'a DeviceRow> for DeviceView<'a> {
-    fn from(d: &'a DeviceRow) -> Self {
-        Self {
-            tenant: &d.tenant,
-            partition: &d.partition,
-            source: &d.source,
-            device_key: &d.device_key,
-            ip: d.ip.as_deref(),
-            mac: d.mac.as_deref(),
-            hostname: d.hostname.as_deref(),
-            metadata: &d.metadata,
-            agent_id: &d.agent_id,
-            first_seen: d.first_seen,
-            last_seen: d.last_seen,
-            last_run_id: &d.last_run_id,
-        }
-    }
-}
-
 async fn device_list(
     State(api): State<Api>,
     tenant: Result<Path<String>, PathRejection>,
-    page: Result<Query<Page>, QueryRejection>,
+    query: Result<Query<DeviceListQuery>, QueryRejection>,
 ) -> ApiResult {
     let Path(tenant) = tenant?;
-    let Query(page) = page?;
-    let limit = page.limit.unwrap_or(DEFAULT_DEVICE_LIMIT);
-    if !(1..=MAX_DEVICE_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "query string: limit must be between 1 and {MAX_DEVICE_LIMIT}, got {limit}"
-        )));
-    }
-    let devices = api
-        .admin
-        .devices(&tenant, limit, page.offset.unwrap_or(0))
-        .await?;
-    ok(&devices.iter().map(DeviceView::from).collect::<Vec<_>>())
+    let Query(q) = query?;
+    let query = DeviceQuery {
+        tenant,
+        partition: q.partition,
+        source: q.source,
+        ip: q.ip,
+        include_merged: q.include_merged.unwrap_or(false),
+        limit: q.limit,
+        offset: q.offset.unwrap_or(0),
+    };
+    ok(&api.admin.devices(&query).await?)
+}
+
+/// `{tenant}` and `{device}` (a canonical id, `sr:<uuid>`; the `:` may be
+/// sent as is or as `%3A`).
+type DevicePath = Result<Path<(String, String)>, PathRejection>;
+
+async fn device_show(State(api): State<Api>, path: DevicePath) -> ApiResult {
+    let Path((tenant, device)) = path?;
+    ok(&api.admin.device(&tenant, &device).await?)
+}
+
+/// No request body: the latest merge into the device is undone.
+async fn device_unmerge(State(api): State<Api>, path: DevicePath) -> ApiResult {
+    let Path((tenant, device)) = path?;
+    ok(&api.admin.device_unmerge(&tenant, &device).await?)
 }
 
 #[cfg(test)]
@@ -1045,6 +1036,37 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{name}.{key} documented but refused: {e}"));
             }
         }
+    }
+
+    /// Every query parameter documented for `GET …/devices` is one the
+    /// handler reads (its query type denies unknown ones), and nothing else
+    /// is accepted.
+    #[test]
+    fn device_list_parameters_match_the_query_type() {
+        let doc = doc();
+        let op = &doc["paths"]["/api/v1/tenants/{tenant}/devices"]["get"];
+        let documented: Vec<&Value> = op["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| resolve(&doc, p))
+            .filter(|p| p["in"] == "query")
+            .collect();
+        assert_eq!(documented.len(), 6);
+        let parse = |query: &str| {
+            let uri: Uri = format!("/devices?{query}").parse().unwrap();
+            Query::<DeviceListQuery>::try_from_uri(&uri).map(drop)
+        };
+        for param in documented {
+            let name = param["name"].as_str().unwrap();
+            let value = match sample(&doc, &param["schema"]) {
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            parse(&format!("{name}={value}"))
+                .unwrap_or_else(|e| panic!("{name} documented but refused: {e}"));
+        }
+        assert!(parse("page=2").is_err());
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! Administration of tenants, agents and integration sources (gateway.md
-//! §1–3): one set of operations behind both the CLI (`serviceradar-agent
-//! gateway --config F tenant|agent|source …`, which opens the database
-//! directly) and the HTTP admin API of a running gateway.
+//! Administration of tenants, agents, integration sources (gateway.md §1–3)
+//! and canonical devices (§5, in [`devices`]): one set of operations behind
+//! both the CLI (`serviceradar-agent gateway --config F
+//! tenant|agent|source|devices …`, which opens the database directly) and
+//! the HTTP admin API of a running gateway.
 //!
 //! The rules live here, so both doors enforce them:
 //! - sync never runs in the platform tenant;
@@ -11,10 +12,12 @@
 //! - credentials are sealed before they reach the database and never leave
 //!   this module again except inside an agent's config.
 //!
-//! Every change bumps the database's administrative generation; a running
-//! gateway notices it (at once for its own API, within a couple of seconds
-//! for the CLI) and pushes the new config to connected agents.
+//! Every configuration change bumps the database's administrative
+//! generation; a running gateway notices it (at once for its own API, within
+//! a couple of seconds for the CLI) and pushes the new config to connected
+//! agents. Undoing a device merge changes no configuration.
 
+pub mod devices;
 pub mod http;
 pub mod onboarding;
 
@@ -29,10 +32,14 @@ use super::integrations::{
 };
 use super::registry::AgentRecord;
 use super::secrets::{CredentialKey, SecretsError};
-use super::store::{DeviceRow, SourceRef, SourceRow, SourceStatus, Store, StoreError};
+use super::store::{SourceRef, SourceRow, SourceStatus, Store, StoreError};
 use super::tenancy::{self, TenancyError, TenancySettings, Tenant};
 use crate::clock::unix_secs;
 
+pub use devices::{
+    DeviceDetail, DeviceQuery, DeviceView, MergeView, UnmergeView, DEFAULT_DEVICE_LIMIT,
+    MAX_DEVICE_LIMIT,
+};
 pub use onboarding::{write_bundle, OnboardRequest, OnboardingBundle, OnboardingSettings};
 
 /// Why an administrative operation was refused. Each variant maps to one
@@ -481,21 +488,5 @@ impl Admin {
         self.changed();
         tracing::info!(tenant = %tenant.slug, source = %row.name, "integration source deleted");
         Ok(())
-    }
-
-    // ---- devices -------------------------------------------------------
-
-    /// A tenant's devices (the canonical records of DIRE arrive with it).
-    pub async fn devices(
-        &self,
-        tenant: &str,
-        limit: usize,
-        offset: usize,
-    ) -> Result<Vec<DeviceRow>, AdminError> {
-        let tenant = self.tenant(tenant).await?;
-        Ok(self
-            .store
-            .devices_of_tenant(&tenant.id, limit, offset)
-            .await?)
     }
 }
