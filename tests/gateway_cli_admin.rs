@@ -3,15 +3,16 @@
 //! with a database. Agents are registered through the library, as the
 //! gateway does on Hello (the onboarding test runs the real thing).
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use serde_json::{json, Value};
 use serviceradar_agent::gateway::registry::AgentRecord;
 use serviceradar_agent::gateway::store::Store;
 
-const BIN: &str = env!("CARGO_BIN_EXE_serviceradar-agent");
+mod admin_cli_support;
+
+use admin_cli_support::AdminCli;
 
 /// Credential values that must never show up in output or on disk.
 const SECRETS: [&str; 3] = [
@@ -20,54 +21,24 @@ const SECRETS: [&str; 3] = [
     "file-secret-77aa31",
 ];
 
+/// The admin CLI, checking that no command ever prints a credential.
 struct Gateway {
-    dir: tempfile::TempDir,
+    cli: AdminCli,
 }
 
 impl Gateway {
-    /// A gateway config with a database and a credentials key file; the
-    /// gateway itself never runs.
     fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        // 64 hex characters: a 256-bit credentials key, owner-only.
-        let key = dir.path().join("gateway.key");
-        std::fs::write(&key, format!("{}\n", "0123456789abcdef".repeat(4))).unwrap();
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Self {
+            cli: AdminCli::new(),
         }
-        std::fs::write(
-            dir.path().join("gateway.json"),
-            json!({"listen": "127.0.0.1:0",
-                   "tls": {"cert_file": "gw.pem", "key_file": "gw-key.pem", "ca_file": "ca.pem"},
-                   "database": "gateway.db", "credentials_key_file": "gateway.key"})
-            .to_string(),
-        )
-        .unwrap();
-        Self { dir }
     }
 
     fn path(&self) -> &Path {
-        self.dir.path()
+        self.cli.path()
     }
 
     fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut child = Command::new(BIN)
-            .args(["gateway", "--config", "gateway.json"])
-            .args(args)
-            .current_dir(self.path())
-            .env_remove("RUST_LOG")
-            .env_remove(serviceradar_agent::gateway::secrets::KEY_ENV)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
-        drop(input);
-        let out = child.wait_with_output().unwrap();
+        let out = self.cli.run(args, stdin);
         // Whatever the command, no credential value is ever printed or logged.
         for text in [&out.stdout, &out.stderr] {
             let text = String::from_utf8_lossy(text);

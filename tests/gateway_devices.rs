@@ -6,12 +6,14 @@
 //! data. Filters, tenant isolation (another tenant's device is not found),
 //! identifiers and merges, and unmerge restoring both devices.
 
+mod admin_cli_support;
 mod gateway_support;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
+use admin_cli_support::AdminCli;
 use gateway_support::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Map, Value};
@@ -20,8 +22,6 @@ use serviceradar_agent::gateway::dire::{identifiers_of, Sighting};
 use serviceradar_agent::gateway::store::Store;
 use serviceradar_agent::gateway::GatewayHandle;
 use serviceradar_agent::proto::AgentHelloRequest;
-
-const BIN: &str = env!("CARGO_BIN_EXE_serviceradar-agent");
 
 // ---- data ------------------------------------------------------------------
 
@@ -516,47 +516,25 @@ async fn the_api_lists_shows_and_unmerges_a_tenants_canonical_devices() {
 
 // ---- the admin CLI ---------------------------------------------------------
 
-/// A gateway config with a database and a credentials key; the gateway
-/// itself never runs.
+/// The admin CLI on a gateway config with a database (the gateway never
+/// runs).
 struct Cli {
-    dir: tempfile::TempDir,
+    cli: AdminCli,
 }
 
 impl Cli {
     fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("gateway.key");
-        std::fs::write(&key, format!("{}\n", "0123456789abcdef".repeat(4))).unwrap();
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Self {
+            cli: AdminCli::new(),
         }
-        std::fs::write(
-            dir.path().join("gateway.json"),
-            json!({"listen": "127.0.0.1:0",
-                   "tls": {"cert_file": "gw.pem", "key_file": "gw-key.pem", "ca_file": "ca.pem"},
-                   "database": "gateway.db", "credentials_key_file": "gateway.key"})
-            .to_string(),
-        )
-        .unwrap();
-        Self { dir }
     }
 
     fn path(&self) -> &Path {
-        self.dir.path()
+        self.cli.path()
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(["gateway", "--config", "gateway.json"])
-            .args(args)
-            .current_dir(self.path())
-            .env_remove("RUST_LOG")
-            .env_remove(serviceradar_agent::gateway::secrets::KEY_ENV)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        self.cli.run(args, None)
     }
 
     fn ok(&self, args: &[&str]) -> String {
