@@ -42,6 +42,11 @@ pub struct BenchArgs {
     /// Where the devices come from.
     #[arg(long, value_enum, default_value = "faker")]
     pub source: BenchSource,
+    /// The gateway stores what it receives (SQLite: staging, per-source rows
+    /// and DIRE) instead of only validating it; the agent's time then runs
+    /// to the gateway's commit of the run.
+    #[arg(long)]
+    pub store: bool,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,12 +144,22 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<i32> {
                 json!({"type": "faker", "credentials": {"total_devices": n.to_string(), "seed": "1"}, "discovery_interval": "24h"}),
             );
         }
+        let database = args.state_dir.join(format!("gateway-{n}.db"));
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = database.as_os_str().to_owned();
+            name.push(suffix);
+            let _ = std::fs::remove_file(PathBuf::from(name));
+        }
         let gw = gateway::start(GatewayConfig {
             listen: "127.0.0.1:0".to_owned(),
             gateway_id: "bench-gateway".to_owned(),
             tls: layout.gateway(),
             allow_tls12: false,
-            database: None,
+            database: args.store.then(|| database.clone()),
+            credentials_key: gateway::secrets::KeySettings {
+                key_file: None,
+                dev_key_file: Some(args.state_dir.join("gateway-dev.key")),
+            },
             heartbeat_interval_sec: 30,
             config_poll_interval_sec: 3600,
             agents: BTreeMap::from([(AGENT_ID.to_owned(), AgentSources { sources })]),
@@ -190,6 +205,12 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<i32> {
             )
         })?;
         let received = gw.stats().devices_received;
+        if let Some(store) = gw.store() {
+            let canonical = store.canonical_device_count().await?;
+            if canonical != n {
+                bail!("{n} devices became {canonical} canonical devices");
+            }
+        }
         gw.shutdown().await;
         if let Some(server) = faker_server {
             server.shutdown().await;
