@@ -230,9 +230,12 @@ async fn run_in_system(args: DemoArgs) -> anyhow::Result<i32> {
         }
     }
 
-    let stored = match gw.store() {
-        Some(store) => store.device_count().await?,
-        None => 0,
+    let (stored, canonical) = match gw.store() {
+        Some(store) => (
+            store.device_count().await?,
+            store.canonical_device_count().await?,
+        ),
+        None => (0, 0),
     };
     let ok = matches!(first_run, Ok(true));
     if !ok {
@@ -249,6 +252,7 @@ async fn run_in_system(args: DemoArgs) -> anyhow::Result<i32> {
         "  devices stored   {stored} (gateway database {})",
         state.join("gateway.db").display()
     );
+    println!("  canonical        {canonical} devices after identity reconciliation (DIRE)");
     println!("  elapsed          {:.2?}", started.elapsed());
     agent.shutdown();
     gw.shutdown().await;

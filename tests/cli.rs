@@ -191,6 +191,7 @@ fn demo_with_faker_server_syncs_through_an_armis_source() {
     );
     assert!(text.contains("runs delivered   1"), "{text}");
     assert!(text.contains("devices stored   2000 "), "{text}");
+    assert!(text.contains("canonical        2000 devices"), "{text}");
 }
 
 #[test]
