@@ -333,7 +333,7 @@ CREATE TABLE device_identifiers (
     value     TEXT NOT NULL,
     device_id TEXT NOT NULL,
     PRIMARY KEY (tenant, partition, kind, value)
-);
+) WITHOUT ROWID;                       -- the key is the row: one B-tree, not two
 CREATE INDEX device_identifiers_by_device ON device_identifiers (device_id);
 CREATE TABLE device_merges (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
