@@ -109,49 +109,8 @@ impl Api {
     }
 }
 
-/// `{"error": message}` with `status`; returns the message.
-fn error_of(answer: &(StatusCode, Value), status: StatusCode) -> String {
-    assert_eq!(answer.0, status, "{}", answer.1);
-    let object = answer.1.as_object().expect("an error object");
-    assert_eq!(object.len(), 1, "{}", answer.1);
-    object["error"].as_str().expect("a message").to_owned()
-}
-
 fn openapi() -> Value {
     serde_json::from_str(OPENAPI_JSON).unwrap()
-}
-
-/// `value` has exactly the properties of the document's schema `name`, each
-/// of a declared type.
-fn assert_schema(doc: &Value, name: &str, value: &Value) {
-    let schema = &doc["components"]["schemas"][name];
-    let props = schema["properties"].as_object().unwrap();
-    let object = value
-        .as_object()
-        .unwrap_or_else(|| panic!("{name}: not an object: {value}"));
-    let documented: BTreeSet<&String> = props.keys().collect();
-    let answered: BTreeSet<&String> = object.keys().collect();
-    assert_eq!(answered, documented, "{name}: {value}");
-    for (key, v) in object {
-        let types: Vec<&str> = match &props[key]["type"] {
-            Value::String(t) => vec![t.as_str()],
-            Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
-            _ => continue,
-        };
-        let actual = match v {
-            Value::Null => "null",
-            Value::Bool(_) => "boolean",
-            Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
-            Value::Number(_) => "number",
-            Value::String(_) => "string",
-            Value::Array(_) => "array",
-            Value::Object(_) => "object",
-        };
-        assert!(
-            types.contains(&actual),
-            "{name}.{key}: {actual} is not one of {types:?}"
-        );
-    }
 }
 
 fn hello(agent_id: &str, capabilities: &[&str]) -> AgentHelloRequest {

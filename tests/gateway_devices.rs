@@ -191,68 +191,6 @@ impl Api {
     }
 }
 
-/// `{"error": message}` with `status`; returns the message.
-fn error_of(answer: &(StatusCode, Value), status: StatusCode) -> String {
-    assert_eq!(answer.0, status, "{}", answer.1);
-    let object = answer.1.as_object().expect("an error object");
-    assert_eq!(object.len(), 1, "{}", answer.1);
-    object["error"].as_str().expect("a message").to_owned()
-}
-
-/// `value` has exactly the properties of the document's schema `name`,
-/// each of a declared type; `$ref` properties are checked recursively.
-fn assert_schema(doc: &Value, name: &str, value: &Value) {
-    let schema = &doc["components"]["schemas"][name];
-    let props = schema["properties"]
-        .as_object()
-        .unwrap_or_else(|| panic!("no schema {name}"));
-    let object = value
-        .as_object()
-        .unwrap_or_else(|| panic!("{name}: not an object: {value}"));
-    let documented: BTreeSet<&String> = props.keys().collect();
-    let answered: BTreeSet<&String> = object.keys().collect();
-    assert_eq!(answered, documented, "{name}: {value}");
-    let referenced = |p: &Value| {
-        p["$ref"]
-            .as_str()
-            .and_then(|r| r.strip_prefix("#/components/schemas/"))
-            .map(str::to_owned)
-    };
-    for (key, v) in object {
-        let prop = &props[key];
-        if let Some(inner) = referenced(prop) {
-            assert_schema(doc, &inner, v);
-            continue;
-        }
-        if let Some(inner) = referenced(&prop["items"]) {
-            for item in v.as_array().unwrap() {
-                assert_schema(doc, &inner, item);
-            }
-        }
-        let types: Vec<&str> = match &prop["type"] {
-            Value::String(t) => vec![t.as_str()],
-            Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
-            _ => continue,
-        };
-        let actual = match v {
-            Value::Null => "null",
-            Value::Bool(_) => "boolean",
-            Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
-            Value::Number(_) => "number",
-            Value::String(_) => "string",
-            Value::Array(_) => "array",
-            Value::Object(_) => "object",
-        };
-        assert!(
-            types.contains(&actual),
-            "{name}.{key}: {actual} is not one of {types:?}"
-        );
-        if let Some(Value::Array(allowed)) = prop.get("enum") {
-            assert!(allowed.contains(v), "{name}.{key}: {v} not in {allowed:?}");
-        }
-    }
-}
-
 fn ids(devices: &[Value]) -> BTreeSet<String> {
     devices
         .iter()
