@@ -243,6 +243,44 @@ async fn a_mac_only_conflict_never_merges() {
 }
 
 #[tokio::test]
+async fn a_shared_identifier_between_contradicting_devices_never_merges() {
+    let (_dir, store) = store();
+    let nb = |armis_id: &str, ip: &str| {
+        sighting(
+            json!({"armis_device_id": armis_id, "netbox_device_id": "7"}),
+            Some(ip),
+            None,
+            "armis",
+        )
+    };
+    run(&store, "t", "r1", vec![nb("1", "10.0.0.1")], 1).await;
+    // Another Armis device claims the same NetBox id: two Armis ids cannot
+    // be one device, so this is a conflict, not a merge.
+    run(&store, "t", "r2", vec![nb("2", "10.0.0.2")], 2).await;
+    let all = devices(&store, None).await;
+    assert_eq!(all.len(), 2, "{all:#?}");
+    for device in &all {
+        assert!(store.merges_of(&device.id).await.unwrap().is_empty());
+        let armis_ids = device
+            .identifiers
+            .iter()
+            .filter(|i| i.kind == IdKind::Armis)
+            .count();
+        assert_eq!(armis_ids, 1, "{device:?}");
+    }
+    let first = all
+        .iter()
+        .find(|d| d.ip.as_deref() == Some("10.0.0.1"))
+        .unwrap();
+    assert!(
+        first
+            .identifiers
+            .contains(&Identifier::new(IdKind::Netbox, "7")),
+        "the NetBox id stays with the device that had it"
+    );
+}
+
+#[tokio::test]
 async fn merges_are_audited_and_unmerge_restores_both_devices() {
     let (_dir, store) = store();
     // Armis knows device 9; NetBox knows device 77; neither knows the other.

@@ -168,11 +168,19 @@ pub fn reconcile<I: DeviceIndex>(
     };
     let created = device.last_run_id.is_empty();
 
-    // Merges: devices tied to this one by a non-MAC identifier.
+    // Merges: devices tied to this one by a non-MAC identifier, unless
+    // they contradict the update (another device that shares an identifier:
+    // a conflict for a person to look at, never an automatic merge).
     let mut merged: Vec<String> = Vec::new();
     for (id, holder) in &hits {
         let Some(other) = holder else { continue };
         if *other == device.id || id.is_mac() || merged.contains(other) {
+            continue;
+        }
+        if loaded
+            .iter()
+            .any(|d| d.id == *other && contradicts(d, &sighting))
+        {
             continue;
         }
         let reason = format!(
