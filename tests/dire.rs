@@ -281,6 +281,37 @@ async fn a_shared_identifier_between_contradicting_devices_never_merges() {
 }
 
 #[tokio::test]
+async fn a_shared_locally_administered_mac_stays_with_its_first_device() {
+    let (_dir, store) = store();
+    // A software-assigned MAC (0x02 bit) reported by two Armis devices.
+    let local = "02:00:5E:10:00:01";
+    run(
+        &store,
+        "t",
+        "r1",
+        vec![armis("1", "10.0.0.1", Some(local))],
+        1,
+    )
+    .await;
+    run(
+        &store,
+        "t",
+        "r2",
+        vec![armis("2", "10.0.0.2", Some(local))],
+        2,
+    )
+    .await;
+    let all = devices(&store, None).await;
+    assert_eq!(all.len(), 2);
+    let holders: Vec<&CanonicalDevice> = all
+        .iter()
+        .filter(|d| d.identifiers.contains(&Identifier::mac(local).unwrap()))
+        .collect();
+    assert_eq!(holders.len(), 1, "one device holds the MAC: {all:#?}");
+    assert_eq!(holders[0].ip.as_deref(), Some("10.0.0.1"));
+}
+
+#[tokio::test]
 async fn merges_are_audited_and_unmerge_restores_both_devices() {
     let (_dir, store) = store();
     // Armis knows device 9; NetBox knows device 77; neither knows the other.

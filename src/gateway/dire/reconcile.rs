@@ -99,22 +99,20 @@ pub fn reconcile<I: DeviceIndex>(
     now: i64,
     outcome: &mut Outcome,
 ) -> Result<Option<String>, I::Error> {
-    // A locally administered MAC identifies only when nothing stronger does.
+    // A locally administered MAC identifies only when nothing stronger does
+    // (it is still looked up, so that it is never given to a second device).
     let has_strong = sighting
         .identifiers
         .iter()
         .any(|id| !id.is_medium_confidence());
-    let usable: Vec<&Identifier> = sighting
-        .identifiers
-        .iter()
-        .filter(|id| !(has_strong && id.is_medium_confidence()))
-        .collect();
+    let identifies = |id: &Identifier| !(has_strong && id.is_medium_confidence());
     // Who holds each identifier. A device loaded on the way answers for
     // the identifiers it holds without another query (in a steady re-sync,
     // the strongest identifier finds the device and the rest are its own).
     let mut loaded: Vec<CanonicalDevice> = Vec::new();
-    let mut hits: Vec<(&Identifier, Option<String>)> = Vec::with_capacity(usable.len());
-    for id in usable {
+    let mut hits: Vec<(&Identifier, Option<String>)> =
+        Vec::with_capacity(sighting.identifiers.len());
+    for id in &sighting.identifiers {
         let known = loaded
             .iter()
             .find(|d| d.identifiers.contains(id))
@@ -140,8 +138,10 @@ pub fn reconcile<I: DeviceIndex>(
     // unless it contradicts the update (holds another value of a non-MAC
     // kind the update carries: a different device sharing, say, a MAC).
     let mut canonical = None;
-    for (_, holder) in &hits {
-        let Some(id) = holder else { continue };
+    for (hit, holder) in &hits {
+        let Some(id) = holder.as_ref().filter(|_| identifies(hit)) else {
+            continue;
+        };
         let Some(position) = loaded.iter().position(|d| d.id == *id) else {
             continue;
         };
@@ -177,36 +177,31 @@ pub fn reconcile<I: DeviceIndex>(
         if *other == device.id || id.is_mac() || merged.contains(other) {
             continue;
         }
-        if loaded
-            .iter()
-            .any(|d| d.id == *other && contradicts(d, &sighting))
-        {
+        // Every holder was loaded above.
+        let Some(position) = loaded.iter().position(|d| d.id == *other) else {
+            continue;
+        };
+        if contradicts(&loaded[position], &sighting) {
             continue;
         }
         let reason = format!(
             "one update carries {} (held by {other}) and an identifier of {}",
             id, device.id
         );
-        merge(index, scope, &mut device, other, reason, now)?;
-        merged.push(other.clone());
+        let from = loaded.swap_remove(position);
+        merged.push(from.id.clone());
+        merge(index, scope, &mut device, from, reason, now)?;
         outcome.merged += 1;
     }
 
-    // Identifiers the device does not hold yet. One held by a device that
-    // was not merged (a MAC-only link) stays where it is.
+    // Identifiers nobody holds yet. One held by another device that was not
+    // merged (a MAC-only link, a contradicting device) stays where it is;
+    // a merged device's identifiers came with the merge.
     let mut attached = false;
-    for id in &sighting.identifiers {
-        let holder = hits
-            .iter()
-            .find(|(hit, _)| *hit == id)
-            .and_then(|(_, holder)| holder.as_ref());
-        let attach = match holder {
-            None => true,
-            Some(h) => merged.contains(h) && !device.identifiers.contains(id),
-        };
-        if attach && !device.identifiers.contains(id) {
+    for (id, holder) in &hits {
+        if holder.is_none() && !device.identifiers.contains(id) {
             index.attach(scope, id, &device.id)?;
-            device.identifiers.push(id.clone());
+            device.identifiers.push((*id).clone());
             attached = true;
         }
     }
@@ -310,13 +305,10 @@ fn merge<I: DeviceIndex>(
     index: &mut I,
     scope: Scope<'_>,
     into: &mut CanonicalDevice,
-    from: &str,
+    from_before: CanonicalDevice,
     reason: String,
     now: i64,
 ) -> Result<(), I::Error> {
-    let Some(from_before) = index.load(scope, from)? else {
-        return Ok(());
-    };
     let into_before = into.clone();
     for id in &from_before.identifiers {
         index.attach(scope, id, &into.id)?;
@@ -347,7 +339,7 @@ fn merge<I: DeviceIndex>(
     index.record_merge(&MergeRecord {
         tenant: scope.tenant.to_owned(),
         partition: scope.partition.to_owned(),
-        from: from.to_owned(),
+        from: from_before.id.clone(),
         into: into.id.clone(),
         reason,
         identifiers: from_before.identifiers.clone(),
