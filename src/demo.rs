@@ -161,7 +161,7 @@ async fn run_in_system(args: DemoArgs) -> anyhow::Result<i32> {
         gateway_id: "demo-gateway".to_owned(),
         tls: layout.gateway(),
         allow_tls12: false,
-        database: Some(state.join("gateway.db")),
+        database: Some(gateway::DatabaseLocation::Sqlite(state.join("gateway.db"))),
         heartbeat_interval_sec: 30,
         config_poll_interval_sec: 300,
         agents: BTreeMap::from([(AGENT_ID.to_owned(), AgentSources { sources })]),

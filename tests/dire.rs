@@ -1,8 +1,11 @@
-//! DIRE invariants (gateway.md §5) on the SQLite backend: churn never
+//! DIRE invariants (gateway.md §5) on both store backends: churn never
 //! multiplies devices, scopes never meet, replays change nothing, MAC-only
 //! conflicts never merge, merges are audited and reversible, IP-only updates
 //! land on the IP's holder, and the order of a run's updates does not matter.
 
+mod backend_support;
+
+use backend_support::Backend;
 use serde_json::{json, Map, Value};
 use serviceradar_agent::device::UpdateContext;
 use serviceradar_agent::gateway::dire::{CanonicalDevice, IdKind, Identifier, Sighting};
@@ -10,9 +13,9 @@ use serviceradar_agent::gateway::store::{DeviceFilter, Store};
 use serviceradar_agent::sources::armis::mapping::{map_device_owned, Mapped};
 use serviceradar_agent::sources::faker::{FakerGenerator, FakerSettings};
 
-fn store() -> (tempfile::TempDir, Store) {
+async fn store(backend: Backend) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("gw.db")).unwrap();
+    let store = backend.fresh_store(dir.path(), "dire").await;
     (dir, store)
 }
 
@@ -74,9 +77,8 @@ fn faker_run(generator: &FakerGenerator) -> Vec<Sighting> {
         .collect()
 }
 
-#[tokio::test]
-async fn faker_churn_keeps_exactly_one_device_per_device() {
-    let (_dir, store) = store();
+async fn faker_churn_keeps_exactly_one_device_per_device(backend: Backend) {
+    let (_dir, store) = store(backend).await;
     let mut generator = FakerGenerator::new(FakerSettings {
         total_devices: 50_000,
         seed: 11,
@@ -133,9 +135,8 @@ async fn faker_churn_keeps_exactly_one_device_per_device() {
     assert_eq!(with_ip, distinct.len());
 }
 
-#[tokio::test]
-async fn scopes_never_meet() {
-    let (_dir, store) = store();
+async fn scopes_never_meet(backend: Backend) {
+    let (_dir, store) = store(backend).await;
     // The same Armis id in two partitions of one tenant: two devices.
     let two_partitions = vec![
         ("site-a".to_owned(), armis("42", "10.0.0.1", None)),
@@ -166,9 +167,8 @@ async fn scopes_never_meet() {
     }
 }
 
-#[tokio::test]
-async fn replaying_a_run_changes_nothing() {
-    let (_dir, store) = store();
+async fn replaying_a_run_changes_nothing(backend: Backend) {
+    let (_dir, store) = store(backend).await;
     let inventory = || {
         vec![
             armis("1", "10.0.0.1", Some("00:1A:2B:00:00:01")),
@@ -188,9 +188,8 @@ async fn replaying_a_run_changes_nothing() {
     assert_eq!(devices(&store, None).await, before);
 }
 
-#[tokio::test]
-async fn a_mac_only_conflict_never_merges() {
-    let (_dir, store) = store();
+async fn a_mac_only_conflict_never_merges(backend: Backend) {
+    let (_dir, store) = store(backend).await;
     let mac = "00:1A:2B:3C:4D:5E";
     run(
         &store,
@@ -242,9 +241,8 @@ async fn a_mac_only_conflict_never_merges() {
     }
 }
 
-#[tokio::test]
-async fn a_shared_identifier_between_contradicting_devices_never_merges() {
-    let (_dir, store) = store();
+async fn a_shared_identifier_between_contradicting_devices_never_merges(backend: Backend) {
+    let (_dir, store) = store(backend).await;
     let nb = |armis_id: &str, ip: &str| {
         sighting(
             json!({"armis_device_id": armis_id, "netbox_device_id": "7"}),
@@ -280,9 +278,8 @@ async fn a_shared_identifier_between_contradicting_devices_never_merges() {
     );
 }
 
-#[tokio::test]
-async fn a_shared_locally_administered_mac_stays_with_its_first_device() {
-    let (_dir, store) = store();
+async fn a_shared_locally_administered_mac_stays_with_its_first_device(backend: Backend) {
+    let (_dir, store) = store(backend).await;
     // A software-assigned MAC (0x02 bit) reported by two Armis devices.
     let local = "02:00:5E:10:00:01";
     run(
@@ -311,9 +308,8 @@ async fn a_shared_locally_administered_mac_stays_with_its_first_device() {
     assert_eq!(holders[0].ip.as_deref(), Some("10.0.0.1"));
 }
 
-#[tokio::test]
-async fn merges_are_audited_and_unmerge_restores_both_devices() {
-    let (_dir, store) = store();
+async fn merges_are_audited_and_unmerge_restores_both_devices(backend: Backend) {
+    let (_dir, store) = store(backend).await;
     // Armis knows device 9; NetBox knows device 77; neither knows the other.
     run(&store, "t", "r1", vec![armis("9", "10.0.0.9", None)], 1).await;
     let netbox = sighting(
@@ -376,9 +372,8 @@ async fn merges_are_audited_and_unmerge_restores_both_devices() {
     );
 }
 
-#[tokio::test]
-async fn ip_only_updates_land_on_the_ip_holder_and_ips_move() {
-    let (_dir, store) = store();
+async fn ip_only_updates_land_on_the_ip_holder_and_ips_move(backend: Backend) {
+    let (_dir, store) = store(backend).await;
     run(&store, "t", "r1", vec![armis("1", "10.0.0.5", None)], 1).await;
     let holder = devices(&store, None).await.remove(0);
     // An update with no strong identifier at that IP: the same device.
@@ -401,8 +396,7 @@ async fn ip_only_updates_land_on_the_ip_holder_and_ips_move() {
     );
 }
 
-#[tokio::test]
-async fn the_order_of_a_runs_updates_does_not_matter() {
+async fn the_order_of_a_runs_updates_does_not_matter(backend: Backend) {
     // Updates that interact: an IP handed from one device to another, an
     // IP-only update, a merge.
     let inventory = vec![
@@ -424,7 +418,7 @@ async fn the_order_of_a_runs_updates_does_not_matter() {
     ];
     let mut outcomes = Vec::new();
     for rotation in 0..inventory.len() {
-        let (_dir, store) = store();
+        let (_dir, store) = store(backend).await;
         run(
             &store,
             "t",
@@ -481,7 +475,7 @@ mod order_independence {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
         #[test]
-        fn any_order_of_a_run_gives_the_same_devices(
+        fn any_order_of_a_run_gives_the_same_devices_on_both_backends(
             seed_run in prop::collection::vec(arb_sighting(), 0..8),
             run in prop::collection::vec(arb_sighting(), 1..14)
                 .prop_flat_map(|v| { let n = v.len(); (Just(v), Just(()).prop_perturb(move |_, mut rng| {
@@ -492,16 +486,16 @@ mod order_independence {
         ) {
             let (sightings, permutation) = run;
             let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            let outcome = |order: Vec<Sighting>| {
+            let outcome = |backend: Backend, order: Vec<Sighting>| {
                 runtime.block_on(async {
-                    let (_dir, store) = store();
+                    let (_dir, store) = store(backend).await;
                     super::run(&store, "t", "seed", seed_run.clone(), 1).await;
                     super::run(&store, "t", "r", order, 2).await;
                     devices(&store, None).await
                 })
             };
             let shuffled: Vec<Sighting> = permutation.iter().map(|&i| sightings[i].clone()).collect();
-            let first = outcome(sightings.clone());
+            let first = outcome(Backend::Sqlite, sightings.clone());
             // Structural invariants: an identifier and an IP belong to one
             // live device at most.
             let mut identifiers = std::collections::BTreeSet::new();
@@ -514,7 +508,22 @@ mod order_independence {
                     prop_assert!(ips.insert(ip.clone()), "{} held twice", ip);
                 }
             }
-            prop_assert_eq!(first, outcome(shuffled));
+            prop_assert_eq!(&first, &outcome(Backend::Sqlite, shuffled));
+            // The backends agree (PostgreSQL reconciles in prefetched
+            // batches, SQLite row by row).
+            prop_assert_eq!(&first, &outcome(Backend::Postgres, sightings));
         }
     }
 }
+
+on_both_backends!(
+    faker_churn_keeps_exactly_one_device_per_device,
+    scopes_never_meet,
+    replaying_a_run_changes_nothing,
+    a_mac_only_conflict_never_merges,
+    a_shared_identifier_between_contradicting_devices_never_merges,
+    a_shared_locally_administered_mac_stays_with_its_first_device,
+    merges_are_audited_and_unmerge_restores_both_devices,
+    ip_only_updates_land_on_the_ip_holder_and_ips_move,
+    the_order_of_a_runs_updates_does_not_matter,
+);

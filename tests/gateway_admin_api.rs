@@ -1,12 +1,15 @@
 //! The gateway's HTTP admin API (gateway.md §1–3) against a real gateway
 //! (`gateway::start`), with real agents saying Hello over mTLS and a real
-//! HTTP client.
+//! HTTP client. What the API stores and reads runs on both store backends;
+//! authentication, routing and start-up checks on SQLite.
 
+mod backend_support;
 mod gateway_support;
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
+use backend_support::Backend;
 use gateway_support::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -139,14 +142,22 @@ async fn say_hello(pki: &TestPki, gw: &GatewayHandle, agent_id: &str, capabiliti
     assert!(answer.accepted);
 }
 
-async fn start_with_api(pki: &TestPki) -> GatewayHandle {
-    start(with_admin_api(pki.gateway_config(true))).await
+/// A gateway with the admin API on a fresh database of `backend`.
+async fn start_with_api(backend: Backend, pki: &TestPki) -> GatewayHandle {
+    start(with_admin_api(api_config(backend, pki).await)).await
 }
 
+/// A gateway config (no admin API yet) on a fresh database of `backend`.
+async fn api_config(backend: Backend, pki: &TestPki) -> gateway::GatewayConfig {
+    let database = backend.fresh_database(pki.dir.path(), "gateway").await;
+    pki.gateway_config_on(database)
+}
+
+// Authentication happens before any database access: SQLite only.
 #[tokio::test]
 async fn requests_without_the_admin_token_are_refused() {
     let pki = TestPki::new();
-    let gw = start_with_api(&pki).await;
+    let gw = start_with_api(Backend::Sqlite, &pki).await;
 
     let anonymous = Api::new(&gw, None);
     let (status, headers, text) = anonymous.raw(Method::GET, "/api/v1/tenants", None).await;
@@ -203,6 +214,7 @@ async fn requests_without_the_admin_token_are_refused() {
     gw.shutdown().await;
 }
 
+// Start-up configuration checks, not storage: SQLite only.
 #[tokio::test]
 async fn start_fails_clearly_when_the_admin_api_cannot_run() {
     let pki = TestPki::new();
@@ -271,10 +283,9 @@ async fn start_fails_clearly_when_the_admin_api_cannot_run() {
     gw.shutdown().await;
 }
 
-#[tokio::test]
-async fn tenants_are_added_and_listed() {
+async fn tenants_are_added_and_listed(backend: Backend) {
     let pki = TestPki::new();
-    let gw = start_with_api(&pki).await;
+    let gw = start_with_api(backend, &pki).await;
     let api = Api::new(&gw, Some(ADMIN_TOKEN));
     let doc = openapi();
 
@@ -403,10 +414,9 @@ async fn tenants_are_added_and_listed() {
     gw.shutdown().await;
 }
 
-#[tokio::test]
-async fn sources_are_managed_through_the_api_without_revealing_credentials() {
+async fn sources_are_managed_through_the_api_without_revealing_credentials(backend: Backend) {
     let pki = TestPki::new();
-    let gw = start_with_api(&pki).await;
+    let gw = start_with_api(backend, &pki).await;
     let api = Api::new(&gw, Some(ADMIN_TOKEN));
     let doc = openapi();
     let spec = json!({
@@ -598,10 +608,9 @@ async fn next_push(down: &mut tonic::Streaming<ControlStreamResponse>) -> Down {
         .expect("a payload")
 }
 
-#[tokio::test]
-async fn api_changes_reach_a_connected_agent_at_once() {
+async fn api_changes_reach_a_connected_agent_at_once(backend: Backend) {
     let pki = TestPki::new();
-    let gw = start_with_api(&pki).await;
+    let gw = start_with_api(backend, &pki).await;
     let mut events = gw.subscribe();
     let api = Api::new(&gw, Some(ADMIN_TOKEN));
     let mut client = connect(gw.local_addr(), &pki.agent("agent-live", "site-a"))
@@ -679,10 +688,11 @@ async fn api_changes_reach_a_connected_agent_at_once() {
     gw.shutdown().await;
 }
 
+// Routing only (every request is anonymous): SQLite only.
 #[tokio::test]
 async fn the_served_router_matches_the_openapi_document() {
     let pki = TestPki::new();
-    let gw = start_with_api(&pki).await;
+    let gw = start_with_api(Backend::Sqlite, &pki).await;
     let anonymous = Api::new(&gw, None);
     let (status, doc) = anonymous.get("/api/v1/openapi.json").await;
     assert_eq!(status, StatusCode::OK);
@@ -720,10 +730,9 @@ async fn the_served_router_matches_the_openapi_document() {
     gw.shutdown().await;
 }
 
-#[tokio::test]
-async fn agents_are_onboarded_through_the_api_and_their_bundle_enrols() {
+async fn agents_are_onboarded_through_the_api_and_their_bundle_enrols(backend: Backend) {
     let pki = TestPki::new();
-    let mut config = with_admin_api(pki.gateway_config(true));
+    let mut config = with_admin_api(api_config(backend, &pki).await);
     config.onboarding.ca_key_file = Some(pki.layout.ca_key());
     let gw = start(config).await;
     let api = Api::new(&gw, Some(ADMIN_TOKEN));
@@ -793,3 +802,10 @@ async fn agents_are_onboarded_through_the_api_and_their_bundle_enrols() {
     );
     gw.shutdown().await;
 }
+
+on_both_backends!(
+    tenants_are_added_and_listed,
+    sources_are_managed_through_the_api_without_revealing_credentials,
+    api_changes_reach_a_connected_agent_at_once,
+    agents_are_onboarded_through_the_api_and_their_bundle_enrols,
+);

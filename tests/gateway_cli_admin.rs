@@ -1,18 +1,23 @@
 //! The admin CLI (`serviceradar-agent gateway --config F tenant|agent|source
 //! …`) as an operator runs it: the real binary against a gateway config
 //! with a database. Agents are registered through the library, as the
-//! gateway does on Hello (the onboarding test runs the real thing).
+//! gateway does on Hello (the onboarding test runs the real thing). Both
+//! tests run on both store backends.
 
 use std::path::Path;
 use std::process::Output;
 
 use serde_json::{json, Value};
+use serviceradar_agent::gateway::open_store;
 use serviceradar_agent::gateway::registry::AgentRecord;
-use serviceradar_agent::gateway::store::Store;
 
 mod admin_cli_support;
+mod backend_support;
+mod gateway_support;
 
 use admin_cli_support::AdminCli;
+use backend_support::Backend;
+use gateway_support::{assert_nowhere_in_clear, database_contents};
 
 /// Credential values that must never show up in output or on disk.
 const SECRETS: [&str; 3] = [
@@ -27,9 +32,9 @@ struct Gateway {
 }
 
 impl Gateway {
-    fn new() -> Self {
+    async fn on(backend: Backend) -> Self {
         Self {
-            cli: AdminCli::new(),
+            cli: AdminCli::on(backend).await,
         }
     }
 
@@ -82,47 +87,30 @@ impl Gateway {
     }
 
     /// Registers agents of tenant `slug` the way a Hello does.
-    fn register(&self, slug: &str, agents: &[(&str, &[&str])]) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let store = Store::open(&self.path().join("gateway.db")).unwrap();
-            let tenant = store.tenant_by_slug(slug).await.unwrap().unwrap();
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs() as i64;
-            for (agent_id, capabilities) in agents {
-                store
-                    .upsert_agent(AgentRecord {
-                        tenant: tenant.id.clone(),
-                        agent_id: agent_id.to_string(),
-                        partition: "site-a".into(),
-                        version: "0.1.0".into(),
-                        hostname: "edge-host".into(),
-                        os: "linux".into(),
-                        arch: "amd64".into(),
-                        capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
-                        first_seen: now,
-                        last_seen: now,
-                    })
-                    .await
-                    .unwrap();
-            }
-        });
-    }
-
-    /// The database files as they are on disk.
-    fn database_bytes(&self) -> Vec<(String, Vec<u8>)> {
-        ["gateway.db", "gateway.db-wal"]
-            .iter()
-            .filter_map(|name| {
-                std::fs::read(self.path().join(name))
-                    .ok()
-                    .map(|bytes| (name.to_string(), bytes))
-            })
-            .collect()
+    async fn register(&self, slug: &str, agents: &[(&str, &[&str])]) {
+        let store = open_store(self.cli.database()).await.unwrap();
+        let tenant = store.tenant_by_slug(slug).await.unwrap().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        for (agent_id, capabilities) in agents {
+            store
+                .upsert_agent(AgentRecord {
+                    tenant: tenant.id.clone(),
+                    agent_id: agent_id.to_string(),
+                    partition: "site-a".into(),
+                    version: "0.1.0".into(),
+                    hostname: "edge-host".into(),
+                    os: "linux".into(),
+                    arch: "amd64".into(),
+                    capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+                    first_seen: now,
+                    last_seen: now,
+                })
+                .await
+                .unwrap();
+        }
     }
 }
 
@@ -133,9 +121,8 @@ fn row<'a>(table: &'a str, needle: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no row with {needle:?} in\n{table}"))
 }
 
-#[test]
-fn tenants_are_added_and_listed_and_reserved_names_refused() {
-    let gw = Gateway::new();
+async fn tenants_are_added_and_listed_and_reserved_names_refused(backend: Backend) {
+    let gw = Gateway::on(backend).await;
     let added = gw.ok(&["tenant", "add", "acme", "--name", "Acme Corp"]);
     assert!(added.starts_with("tenant acme added (id "), "{added}");
     gw.ok(&[
@@ -178,9 +165,8 @@ fn tenants_are_added_and_listed_and_reserved_names_refused() {
     assert!(!gw.ok(&["tenant", "list"]).contains("initech"));
 }
 
-#[test]
-fn sources_are_managed_and_their_credentials_never_leave_sealed() {
-    let gw = Gateway::new();
+async fn sources_are_managed_and_their_credentials_never_leave_sealed(backend: Backend) {
+    let gw = Gateway::on(backend).await;
     gw.ok(&["tenant", "add", "acme"]);
     gw.ok(&["tenant", "add", "globex"]);
 
@@ -209,8 +195,9 @@ fn sources_are_managed_and_their_credentials_never_leave_sealed() {
     ]);
     assert!(err.contains("platform tenant"), "{err}");
 
-    gw.register("acme", &[("edge-1", &["sync"]), ("edge-2", &[])]);
-    gw.register("globex", &[("edge-g", &["sync"])]);
+    gw.register("acme", &[("edge-1", &["sync"]), ("edge-2", &[])])
+        .await;
+    gw.register("globex", &[("edge-g", &["sync"])]).await;
 
     let agents = gw.ok(&["agent", "list"]);
     let header = agents.lines().next().unwrap();
@@ -433,14 +420,12 @@ fn sources_are_managed_and_their_credentials_never_leave_sealed() {
     let err = gw.fails(&["source", "show", "--tenant", "globex", &id]);
     assert!(err.contains("has no source"), "{err}");
 
-    // What is on disk: sealed values only.
-    for (name, bytes) in gw.database_bytes() {
-        for secret in SECRETS {
-            assert!(
-                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
-                "{name} holds {secret} in clear"
-            );
-        }
+    // What the database holds (the files on disk, PostgreSQL's rows):
+    // sealed values only.
+    let contents = database_contents(gw.cli.database()).await;
+    assert!(!contents.is_empty(), "the database was read");
+    for secret in SECRETS {
+        assert_nowhere_in_clear(&contents, secret);
     }
 
     let out = gw.ok(&["source", "delete", "--tenant", "acme", "Armis Prod"]);
@@ -449,3 +434,8 @@ fn sources_are_managed_and_their_credentials_never_leave_sealed() {
     let err = gw.fails(&["source", "delete", "--tenant", "acme", "Armis Prod"]);
     assert!(err.contains("has no source \"Armis Prod\""), "{err}");
 }
+
+on_both_backends!(
+    tenants_are_added_and_listed_and_reserved_names_refused,
+    sources_are_managed_and_their_credentials_never_leave_sealed,
+);

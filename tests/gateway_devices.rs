@@ -4,9 +4,11 @@
 //! stream and by `Store::reconcile_run`, and the admin CLI (`gateway devices
 //! list|show|unmerge`) as an operator runs it, against the same kind of
 //! data. Filters, tenant isolation (another tenant's device is not found),
-//! identifiers and merges, and unmerge restoring both devices.
+//! identifiers and merges, and unmerge restoring both devices. Both tests
+//! run on both store backends.
 
 mod admin_cli_support;
+mod backend_support;
 mod gateway_support;
 
 use std::collections::BTreeSet;
@@ -14,13 +16,14 @@ use std::path::Path;
 use std::process::Output;
 
 use admin_cli_support::AdminCli;
+use backend_support::Backend;
 use gateway_support::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Map, Value};
 use serviceradar_agent::gateway::admin::http::OPENAPI_JSON;
 use serviceradar_agent::gateway::dire::{identifiers_of, Sighting};
 use serviceradar_agent::gateway::store::Store;
-use serviceradar_agent::gateway::GatewayHandle;
+use serviceradar_agent::gateway::{open_store, GatewayHandle};
 use serviceradar_agent::proto::AgentHelloRequest;
 
 // ---- data ------------------------------------------------------------------
@@ -239,10 +242,10 @@ async fn stream_faker_run(pki: &TestPki, gw: &GatewayHandle) {
         .unwrap();
 }
 
-#[tokio::test]
-async fn the_api_lists_shows_and_unmerges_a_tenants_canonical_devices() {
+async fn the_api_lists_shows_and_unmerges_a_tenants_canonical_devices(backend: Backend) {
     let pki = TestPki::new();
-    let gw = start(with_admin_api(pki.gateway_config(true))).await;
+    let database = backend.fresh_database(pki.dir.path(), "gateway").await;
+    let gw = start(with_admin_api(pki.gateway_config_on(database))).await;
     let admin = gw.admin().expect("a database gateway has an admin");
     let acme = admin.tenant_add("acme", None, None).await.unwrap();
     let beta = admin.tenant_add("beta", None, None).await.unwrap();
@@ -461,9 +464,9 @@ struct Cli {
 }
 
 impl Cli {
-    fn new() -> Self {
+    async fn on(backend: Backend) -> Self {
         Self {
-            cli: AdminCli::new(),
+            cli: AdminCli::on(backend).await,
         }
     }
 
@@ -525,28 +528,22 @@ impl Cli {
     }
 
     /// Seeds the database the CLI opens, through DIRE.
-    fn seed(&self) -> Seeded {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let store = Store::open(&self.path().join("gateway.db")).unwrap();
-            let id = |slug: &'static str| {
-                let store = store.clone();
-                async move { store.tenant_by_slug(slug).await.unwrap().unwrap().id }
-            };
-            let (acme, beta) = (id("acme").await, id("beta").await);
-            seed(&store, &acme, &beta).await
-        })
+    async fn seed(&self) -> Seeded {
+        let store = open_store(self.cli.database()).await.unwrap();
+        let id = |slug: &'static str| {
+            let store = store.clone();
+            async move { store.tenant_by_slug(slug).await.unwrap().unwrap().id }
+        };
+        let (acme, beta) = (id("acme").await, id("beta").await);
+        seed(&store, &acme, &beta).await
     }
 }
 
-#[test]
-fn the_cli_lists_shows_and_unmerges_canonical_devices() {
-    let cli = Cli::new();
+async fn the_cli_lists_shows_and_unmerges_canonical_devices(backend: Backend) {
+    let cli = Cli::on(backend).await;
     cli.ok(&["tenant", "add", "acme"]);
     cli.ok(&["tenant", "add", "beta"]);
-    let seeded = cli.seed();
+    let seeded = cli.seed().await;
     let list = ["devices", "list", "--tenant", "acme"];
 
     // The table: one row per live device, identifiers and sources joined.
@@ -681,3 +678,8 @@ fn the_cli_lists_shows_and_unmerges_canonical_devices() {
         "{err}"
     );
 }
+
+on_both_backends!(
+    the_api_lists_shows_and_unmerges_a_tenants_canonical_devices,
+    the_cli_lists_shows_and_unmerges_canonical_devices,
+);

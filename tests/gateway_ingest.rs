@@ -1,17 +1,25 @@
-//! StreamStatus validation and run reassembly over a real mTLS connection.
+//! StreamStatus validation and run reassembly over a real mTLS connection,
+//! storing on both backends (validate-only mode has no database).
 
+mod backend_support;
 mod gateway_support;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use backend_support::Backend;
 use gateway_support::*;
 use serde_json::json;
-use serviceradar_agent::gateway::GatewayEvent;
+use serviceradar_agent::gateway::{DatabaseLocation, GatewayEvent};
 use serviceradar_agent::tls;
 use tonic::Code;
 
 const AGENT: &str = "agent-1";
 const PARTITION: &str = "site-a";
+
+/// A fresh database of `backend` for the PKI's gateway.
+async fn database(backend: Backend, pki: &TestPki) -> DatabaseLocation {
+    backend.fresh_database(pki.dir.path(), "gateway").await
+}
 
 fn run_completions(events: &[GatewayEvent]) -> Vec<(String, u64, u64)> {
     events
@@ -35,11 +43,10 @@ fn rejection(events: &[GatewayEvent]) -> Option<Code> {
     })
 }
 
-#[tokio::test]
-async fn valid_multi_chunk_stream_stores_exactly_its_devices() {
+async fn valid_multi_chunk_stream_stores_exactly_its_devices(backend: Backend) {
     tls::install_crypto_provider();
     let pki = TestPki::new();
-    let gw = start(pki.gateway_config(true)).await;
+    let gw = start(pki.gateway_config_on(database(backend, &pki).await)).await;
     let mut events = gw.subscribe();
     let mut client = connect(gw.local_addr(), &pki.agent(AGENT, PARTITION))
         .await
@@ -104,11 +111,10 @@ async fn valid_multi_chunk_stream_stores_exactly_its_devices() {
     gw.shutdown().await;
 }
 
-#[tokio::test]
-async fn sequence_violations_are_invalid_argument_and_leave_nothing() {
+async fn sequence_violations_are_invalid_argument_and_leave_nothing(backend: Backend) {
     tls::install_crypto_provider();
     let pki = TestPki::new();
-    let gw = start(pki.gateway_config(true)).await;
+    let gw = start(pki.gateway_config_on(database(backend, &pki).await)).await;
     let mut events = gw.subscribe();
     let mut client = connect(gw.local_addr(), &pki.agent(AGENT, PARTITION))
         .await
@@ -179,11 +185,10 @@ async fn sequence_violations_are_invalid_argument_and_leave_nothing() {
     gw.shutdown().await;
 }
 
-#[tokio::test]
-async fn retried_chunks_are_idempotent() {
+async fn retried_chunks_are_idempotent(backend: Backend) {
     tls::install_crypto_provider();
     let pki = TestPki::new();
-    let gw = start(pki.gateway_config(true)).await;
+    let gw = start(pki.gateway_config_on(database(backend, &pki).await)).await;
     let mut events = gw.subscribe();
     let mut client = connect(gw.local_addr(), &pki.agent(AGENT, PARTITION))
         .await
@@ -226,11 +231,10 @@ async fn retried_chunks_are_idempotent() {
     gw.shutdown().await;
 }
 
-#[tokio::test]
-async fn run_split_over_two_streams_completes_only_with_all_chunks() {
+async fn run_split_over_two_streams_completes_only_with_all_chunks(backend: Backend) {
     tls::install_crypto_provider();
     let pki = TestPki::new();
-    let gw = start(pki.gateway_config(true)).await;
+    let gw = start(pki.gateway_config_on(database(backend, &pki).await)).await;
     let mut events = gw.subscribe();
     let mut client = connect(gw.local_addr(), &pki.agent(AGENT, PARTITION))
         .await
@@ -266,15 +270,14 @@ async fn run_split_over_two_streams_completes_only_with_all_chunks() {
     gw.shutdown().await;
 }
 
-#[tokio::test]
-async fn bad_updates_are_rejected_and_counted() {
+async fn bad_updates_are_rejected_and_counted(backend: Backend) {
     tls::install_crypto_provider();
     let pki = TestPki::new();
     let agents = BTreeMap::from([(
         AGENT.to_owned(),
         sources(json!({"Lab": {"type": "faker", "partition": "lab"}})),
     )]);
-    let gw = start_with_agents(&pki, true, agents).await;
+    let gw = start_with_agents_on(&pki, database(backend, &pki).await, agents).await;
     let mut events = gw.subscribe();
     let mut client = connect(gw.local_addr(), &pki.agent(AGENT, PARTITION))
         .await
@@ -313,6 +316,7 @@ async fn bad_updates_are_rejected_and_counted() {
     gw.shutdown().await;
 }
 
+// No database: nothing to run on two backends.
 #[tokio::test]
 async fn validate_only_mode_counts_and_stores_nothing() {
     tls::install_crypto_provider();
@@ -350,3 +354,11 @@ async fn validate_only_mode_counts_and_stores_nothing() {
     assert!(!pki.dir.path().join("gateway.db").exists());
     gw.shutdown().await;
 }
+
+on_both_backends!(
+    valid_multi_chunk_stream_stores_exactly_its_devices,
+    sequence_violations_are_invalid_argument_and_leave_nothing,
+    retried_chunks_are_idempotent,
+    run_split_over_two_streams_completes_only_with_all_chunks,
+    bad_updates_are_rejected_and_counted,
+);

@@ -1,19 +1,23 @@
 //! The agent registry (gateway.md §2) with a real agent: Hello registers it
 //! from the certificate and what the agent says about itself; the database
-//! remembers it across a gateway restart; `gateway agent list` shows it.
+//! remembers it across a gateway restart; `gateway agent list` shows it. On
+//! both store backends.
 
+mod backend_support;
 mod common;
 
 use std::process::Command;
 
+use backend_support::{config_entry, Backend};
 use common::*;
 use serde_json::json;
 use serviceradar_agent::agent;
 use serviceradar_agent::gateway::{self, GatewayEvent};
 
-#[actix_rt::test]
-async fn hello_registers_the_agent_and_the_database_remembers_it() {
+async fn hello_registers_the_agent_and_the_database_remembers_it(backend: Backend) {
     let fx = Fixture::new(&["agent-reg"]);
+    let database = backend.fresh_database(fx.path(), "gateway").await;
+    let fx = fx.with_database(database);
     let config = fx.gateway_config(&[("agent-reg", json!({"Faker": faker_source(100, 1)}))]);
     let gw = gateway::start(config.clone())
         .await
@@ -63,11 +67,12 @@ async fn hello_registers_the_agent_and_the_database_remembers_it() {
 
     // The admin CLI reads the same database.
     let config_file = fx.path().join("gateway.json");
-    let doc = json!({"listen": "127.0.0.1:0", "gateway_id": "gw-test",
+    let mut doc = json!({"listen": "127.0.0.1:0", "gateway_id": "gw-test",
         "tls": {"cert_file": config.tls.cert_file, "key_file": config.tls.key_file,
                 "ca_file": config.tls.ca_file},
-        "database": config.database, "agents": {},
-        "credentials_key_file": config.credentials_key.dev_key_file});
+        "agents": {}, "credentials_key_file": config.credentials_key.dev_key_file});
+    let (key, value) = config_entry(config.database.as_ref().expect("a database"));
+    doc[key] = value;
     std::fs::write(&config_file, serde_json::to_vec(&doc).unwrap()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_serviceradar-agent"))
         .args(["gateway", "--config"])
@@ -89,3 +94,5 @@ async fn hello_registers_the_agent_and_the_database_remembers_it() {
         assert!(row.contains(field), "{field} missing from {row:?}");
     }
 }
+
+on_both_backends!(actix_rt::test; hello_registers_the_agent_and_the_database_remembers_it);

@@ -1,17 +1,26 @@
 //! The gateway goes away and comes back on the same address: the agent
 //! reconnects with backoff, enrols again, and the next run is delivered.
+//! The restarted gateway reopens the same database, on both store backends.
 
+mod backend_support;
 mod common;
 
+use backend_support::Backend;
 use common::*;
 use serde_json::json;
 use serviceradar_agent::actors::telemetry::AgentEvent;
 use serviceradar_agent::agent;
 use serviceradar_agent::gateway::{self, GatewayEvent};
 
-#[actix_rt::test]
-async fn agent_reconnects_after_gateway_restart_and_delivers_the_next_run() {
-    let fx = Fixture::new(&["agent-rs"]);
+/// A fixture whose gateways use a fresh database of `backend`.
+async fn fixture(backend: Backend, agents: &[&str]) -> Fixture {
+    let fx = Fixture::new(agents);
+    let database = backend.fresh_database(fx.path(), "gateway").await;
+    fx.with_database(database)
+}
+
+async fn agent_reconnects_after_gateway_restart_and_delivers_the_next_run(backend: Backend) {
+    let fx = fixture(backend, &["agent-rs"]).await;
     let sources = json!({"S": faker_source(500, 3)});
     let gw = fx.gateway(&[("agent-rs", sources.clone())]).await;
     let addr = gw.local_addr();
@@ -119,9 +128,8 @@ async fn agent_reconnects_after_gateway_restart_and_delivers_the_next_run() {
 
 /// With the gateway unreachable at start, the agent runs the sources of its
 /// cached config and delivers once the gateway is back.
-#[actix_rt::test]
-async fn cached_config_is_used_when_the_gateway_is_down_at_start() {
-    let fx = Fixture::new(&["agent-cache"]);
+async fn cached_config_is_used_when_the_gateway_is_down_at_start(backend: Backend) {
+    let fx = fixture(backend, &["agent-cache"]).await;
     let gw = fx
         .gateway(&[("agent-cache", json!({"Cached": faker_source(100, 5)}))])
         .await;
@@ -164,3 +172,9 @@ async fn cached_config_is_used_when_the_gateway_is_down_at_start() {
     agent.shutdown();
     gw.shutdown().await;
 }
+
+on_both_backends!(
+    actix_rt::test;
+    agent_reconnects_after_gateway_restart_and_delivers_the_next_run,
+    cached_config_is_used_when_the_gateway_is_down_at_start,
+);

@@ -2,10 +2,12 @@
 //! tenants with identical agent ids, source names and inventories never see
 //! each other's sources, agents or devices; the source rules; status
 //! bookkeeping from chunks and run reports; credentials never in clear in the
-//! database file.
+//! database. Every test runs on both store backends.
 
+mod backend_support;
 mod gateway_support;
 
+use backend_support::Backend;
 use gateway_support::*;
 use serde_json::{json, Value};
 use serviceradar_agent::gateway::admin::{Admin, AdminError, DeviceQuery};
@@ -58,10 +60,11 @@ struct TwoTenants {
 }
 
 impl TwoTenants {
-    async fn start() -> Self {
+    async fn start(backend: Backend) -> Self {
         tls::install_crypto_provider();
         let pki = TestPki::new();
-        let gw = start(pki.gateway_config(true)).await;
+        let database = backend.fresh_database(pki.dir.path(), "gateway").await;
+        let gw = start(pki.gateway_config_on(database)).await;
         let admin = gw.admin().expect("a database gateway has an admin");
         admin.tenant_add("acme", None, None).await.unwrap();
         admin.tenant_add("beta", None, None).await.unwrap();
@@ -86,9 +89,8 @@ impl TwoTenants {
     }
 }
 
-#[tokio::test]
-async fn sources_need_a_sync_capable_agent_of_the_same_tenant() {
-    let t = TwoTenants::start().await;
+async fn sources_need_a_sync_capable_agent_of_the_same_tenant(backend: Backend) {
+    let t = TwoTenants::start(backend).await;
     // No agent at all.
     let err = t
         .admin
@@ -163,9 +165,8 @@ async fn sources_need_a_sync_capable_agent_of_the_same_tenant() {
     t.gw.shutdown().await;
 }
 
-#[tokio::test]
-async fn two_tenants_with_the_same_names_never_see_each_other() {
-    let t = TwoTenants::start().await;
+async fn two_tenants_with_the_same_names_never_see_each_other(backend: Backend) {
+    let t = TwoTenants::start(backend).await;
     let mut acme = t.agent("acme", "edge-1", &["sync"]).await;
     let mut beta = t.agent("beta", "edge-1", &["sync"]).await;
     let acme_source = t
@@ -265,9 +266,8 @@ async fn two_tenants_with_the_same_names_never_see_each_other() {
     t.gw.shutdown().await;
 }
 
-#[tokio::test]
-async fn status_follows_chunks_and_run_reports_of_the_assigned_agent_only() {
-    let t = TwoTenants::start().await;
+async fn status_follows_chunks_and_run_reports_of_the_assigned_agent_only(backend: Backend) {
+    let t = TwoTenants::start(backend).await;
     let mut acme = t.agent("acme", "edge-1", &["sync"]).await;
     let mut intruder = t.agent("beta", "edge-1", &["sync"]).await;
     let source = t
@@ -394,9 +394,8 @@ async fn status_follows_chunks_and_run_reports_of_the_assigned_agent_only() {
     t.gw.shutdown().await;
 }
 
-#[tokio::test]
-async fn admin_changes_reach_a_connected_agent_without_a_poll() {
-    let t = TwoTenants::start().await;
+async fn admin_changes_reach_a_connected_agent_without_a_poll(backend: Backend) {
+    let t = TwoTenants::start(backend).await;
     let mut acme = t.agent("acme", "edge-1", &["sync"]).await;
     let (tx, rx) = tokio::sync::mpsc::channel::<ControlStreamRequest>(4);
     tx.send(ControlStreamRequest {
@@ -432,9 +431,8 @@ async fn admin_changes_reach_a_connected_agent_without_a_poll() {
     t.gw.shutdown().await;
 }
 
-#[tokio::test]
-async fn the_database_never_holds_a_credential_in_clear() {
-    let t = TwoTenants::start().await;
+async fn the_database_never_holds_a_credential_in_clear(backend: Backend) {
+    let t = TwoTenants::start(backend).await;
     let _acme = t.agent("acme", "edge-1", &["sync"]).await;
     let secret = "Sup3r-Secret-Armis-Key-0c9d";
     let token = "nbt_0123456789abcdef.secret-token-value";
@@ -455,30 +453,32 @@ async fn the_database_never_holds_a_credential_in_clear() {
         .source_update("acme", "Inventory", patch)
         .await
         .unwrap();
-    let db = t.admin.store().path().to_owned();
+    let database = t.admin.store().location().clone();
     t.gw.shutdown().await;
-    let mut bytes = Vec::new();
-    for suffix in ["", "-wal", "-shm"] {
-        let mut name = db.as_os_str().to_owned();
-        name.push(suffix);
-        if let Ok(content) = std::fs::read(&name) {
-            bytes.extend(content);
+    let contents = database_contents(&database).await;
+    let read: usize = contents.iter().map(|(_, bytes)| bytes.len()).sum();
+    match backend {
+        // At least a few pages of the file.
+        Backend::Sqlite => assert!(read > 4096, "the database files were read: {read} bytes"),
+        // Both sources' rows (their sealed credentials as hex).
+        Backend::Postgres => {
+            let sources = contents
+                .iter()
+                .find(|(table, _)| table.ends_with(".integration_sources"))
+                .map(|(_, rows)| rows.iter().filter(|&&b| b == b'\n').count());
+            assert_eq!(sources, Some(2), "the sources were read");
         }
     }
-    assert!(bytes.len() > 4096, "the database files were read");
     for needle in [secret, token, "secret-token-value"] {
-        assert!(
-            !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
-            "{needle:?} found in clear in the database files"
-        );
+        assert_nowhere_in_clear(&contents, needle);
     }
 }
 
-#[tokio::test]
-async fn the_gateway_needs_the_right_credentials_key() {
+async fn the_gateway_needs_the_right_credentials_key(backend: Backend) {
     tls::install_crypto_provider();
     let pki = TestPki::new();
-    let mut config = pki.gateway_config(true);
+    let database = backend.fresh_database(pki.dir.path(), "gateway").await;
+    let mut config = pki.gateway_config_on(database);
     // No key and no dev flag: refused, and the error says what to set.
     let dev_key = config.credentials_key.dev_key_file.take();
     let err = serviceradar_agent::gateway::start(config.clone())
@@ -501,9 +501,8 @@ async fn the_gateway_needs_the_right_credentials_key() {
     assert!(err.contains(&other.display().to_string()), "{err}");
 }
 
-#[tokio::test]
-async fn updates_may_use_the_partition_an_assigned_source_sets_and_no_other() {
-    let t = TwoTenants::start().await;
+async fn updates_may_use_the_partition_an_assigned_source_sets_and_no_other(backend: Backend) {
+    let t = TwoTenants::start(backend).await;
     let mut acme = t.agent("acme", "edge-1", &["sync"]).await;
     let lab: SourceSpec = serde_json::from_value(json!({"name":"Lab","type":"faker",
         "agent_id":"edge-1","partition":"lab","credentials":{"total_devices":"5"}}))
@@ -543,3 +542,13 @@ async fn updates_may_use_the_partition_an_assigned_source_sets_and_no_other() {
     assert_eq!(rejected["r-other"], 4, "another tenant's source partition");
     t.gw.shutdown().await;
 }
+
+on_both_backends!(
+    sources_need_a_sync_capable_agent_of_the_same_tenant,
+    two_tenants_with_the_same_names_never_see_each_other,
+    status_follows_chunks_and_run_reports_of_the_assigned_agent_only,
+    admin_changes_reach_a_connected_agent_without_a_poll,
+    the_database_never_holds_a_credential_in_clear,
+    the_gateway_needs_the_right_credentials_key,
+    updates_may_use_the_partition_an_assigned_source_sets_and_no_other,
+);

@@ -1,5 +1,5 @@
-//! `serviceradar-agent bench-dire`: DIRE (gateway.md §5) on the SQLite
-//! backend, without the network: Faker devices as the agent maps them become
+//! `serviceradar-agent bench-dire`: DIRE (gateway.md §5) on SQLite or, with
+//! `--postgres`, on PostgreSQL, without the gateway's network: Faker devices as the agent maps them become
 //! sightings, and one run of each size is reconciled into a fresh database —
 //! first sync, then a re-sync after `churn_percent` of the devices changed IP.
 //!
@@ -15,6 +15,7 @@ use clap::Args;
 
 use crate::device::UpdateContext;
 use crate::gateway::dire::Sighting;
+use crate::gateway::{DatabaseLocation, PostgresUrl};
 use crate::sources::armis::mapping::{map_device_owned, Mapped};
 use crate::sources::faker::{FakerGenerator, FakerSettings};
 
@@ -29,6 +30,11 @@ pub struct DireBenchArgs {
     /// Working directory (one database per size).
     #[arg(long, default_value = "bench-state")]
     pub state_dir: PathBuf,
+    /// On PostgreSQL: a fresh database per size on the server named by
+    /// `SERVICERADAR_TEST_PG_URL`, else on a throwaway local cluster started
+    /// from Debian's `postgresql` binaries (installed, not running).
+    #[arg(long)]
+    pub postgres: bool,
 }
 
 /// Timings of one size.
@@ -62,15 +68,24 @@ fn sightings(generator: &FakerGenerator) -> Vec<(String, Sighting)> {
 }
 
 async fn measure(args: &DireBenchArgs, devices: u64) -> anyhow::Result<DireMeasurement> {
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("creating {}", args.state_dir.display()))?;
-    let path = args.state_dir.join(format!("dire-{devices}.db"));
-    for suffix in ["", "-wal", "-shm"] {
-        let mut name = path.as_os_str().to_owned();
-        name.push(suffix);
-        let _ = std::fs::remove_file(PathBuf::from(name));
-    }
-    let store = crate::gateway::open_store(&path).await?;
+    let location = if args.postgres {
+        let url = tokio::task::spawn_blocking(move || {
+            crate::gateway::store::throwaway::fresh_database(&format!("bench_dire_{devices}"))
+        })
+        .await??;
+        DatabaseLocation::Postgres(PostgresUrl::parse(&url).map_err(anyhow::Error::msg)?)
+    } else {
+        std::fs::create_dir_all(&args.state_dir)
+            .with_context(|| format!("creating {}", args.state_dir.display()))?;
+        let path = args.state_dir.join(format!("dire-{devices}.db"));
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            let _ = std::fs::remove_file(PathBuf::from(name));
+        }
+        DatabaseLocation::Sqlite(path)
+    };
+    let store = crate::gateway::open_store(&location).await?;
     let mut generator = FakerGenerator::new(FakerSettings {
         total_devices: devices,
         seed: 1,
@@ -106,7 +121,12 @@ pub fn run(args: DireBenchArgs) -> anyhow::Result<i32> {
         .enable_all()
         .build()?;
     println!(
-        "DIRE on SQLite, {}% churn before the re-sync ({} cores)",
+        "DIRE on {}, {}% churn before the re-sync ({} cores)",
+        if args.postgres {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        },
         args.churn_percent,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
@@ -139,6 +159,7 @@ mod tests {
             devices: vec![500],
             churn_percent: 5.0,
             state_dir: dir.path().to_owned(),
+            postgres: false,
         };
         let m = measure(&args, 500).await.unwrap();
         assert_eq!(m.canonical_devices, 500);

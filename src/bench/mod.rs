@@ -155,7 +155,9 @@ async fn run_async(args: BenchArgs) -> anyhow::Result<i32> {
             gateway_id: "bench-gateway".to_owned(),
             tls: layout.gateway(),
             allow_tls12: false,
-            database: args.store.then(|| database.clone()),
+            database: args
+                .store
+                .then(|| crate::gateway::DatabaseLocation::Sqlite(database.clone())),
             credentials_key: gateway::secrets::KeySettings {
                 key_file: None,
                 dev_key_file: Some(args.state_dir.join("gateway-dev.key")),

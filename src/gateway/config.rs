@@ -4,6 +4,7 @@
 //! {"listen":"127.0.0.1:50052","gateway_id":"gw-local",
 //!  "tls":{"cert_dir":"/etc/sr","cert_file":"gateway.pem","key_file":"gateway-key.pem","ca_file":"ca.pem"},
 //!  "allow_tls12":false,"database":"gateway.db","heartbeat_interval_sec":30,"config_poll_interval_sec":300,
+//!  (or "database_url":"postgres://gateway@db:5432/serviceradar" for PostgreSQL)
 //!  "credentials_key_file":"gateway.key","platform_tenant_slug":"platform","default_tenant":"default",
 //!  "admin":{"listen":"127.0.0.1:50053","token_file":"admin.token"},
 //!  "onboarding":{"ca_cert_file":"certs/ca.pem","ca_key_file":"certs/ca-key.pem","gateway_addr":"gw.example.com:50052"},
@@ -24,6 +25,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use super::secrets::KeySettings;
+use super::store::{DatabaseLocation, PostgresUrl};
 use super::tenancy::{self, TenancySettings};
 use super::GatewayError;
 use crate::tls::TlsFiles;
@@ -40,6 +42,10 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:50053";
 /// `admin.token_file`).
 pub const ADMIN_TOKEN_ENV: &str = "SERVICERADAR_GATEWAY_ADMIN_TOKEN";
 
+/// Environment variable with the PostgreSQL connection string; wins over
+/// `database_url` and `database` (a password is better kept out of files).
+pub const DATABASE_URL_ENV: &str = "SERVICERADAR_GATEWAY_DATABASE_URL";
+
 const KNOWN_KEYS: &[&str] = &[
     "credentials_key_file",
     "dev_insecure_credentials_key",
@@ -53,6 +59,7 @@ const KNOWN_KEYS: &[&str] = &[
     "tls",
     "allow_tls12",
     "database",
+    "database_url",
     "heartbeat_interval_sec",
     "config_poll_interval_sec",
     "agents",
@@ -67,7 +74,9 @@ pub struct GatewayConfig {
     pub gateway_id: String,
     pub tls: TlsFiles,
     pub allow_tls12: bool,
-    pub database: Option<PathBuf>,
+    /// SQLite file (`database`) or PostgreSQL (`database_url`, or the
+    /// [`DATABASE_URL_ENV`] variable).
+    pub database: Option<DatabaseLocation>,
     pub heartbeat_interval_sec: i32,
     pub config_poll_interval_sec: i32,
     pub agents: BTreeMap<String, AgentSources>,
@@ -178,14 +187,19 @@ impl GatewayConfig {
         }
         let base = path.parent().unwrap_or(Path::new("")).to_owned();
         let defaults = Self::default();
-        let database: Option<PathBuf> = fields.string(&root, "database")?.map(|db| base.join(db));
+        let database = fields.database(&root, &base)?;
         let credentials_key = KeySettings {
             key_file: fields
                 .string(&root, "credentials_key_file")?
                 .map(|f| base.join(f)),
             dev_key_file: match fields.boolean(&root, "dev_insecure_credentials_key")? {
+                // Next to the SQLite file, or to the config file when the
+                // database is a server.
                 Some(true) => database.as_ref().map(|db| {
-                    let mut name = db.as_os_str().to_owned();
+                    let mut name = match db {
+                        DatabaseLocation::Sqlite(file) => file.as_os_str().to_owned(),
+                        DatabaseLocation::Postgres(_) => path.as_os_str().to_owned(),
+                    };
                     name.push(".dev-credentials.key");
                     PathBuf::from(name)
                 }),
@@ -221,6 +235,52 @@ struct Fields<'a> {
 }
 
 impl Fields<'_> {
+    /// `database` (SQLite file) or `database_url` (PostgreSQL; the
+    /// [`DATABASE_URL_ENV`] variable wins). Errors never repeat the URL: it
+    /// may hold a password.
+    fn database(
+        &self,
+        root: &Map<String, Value>,
+        base: &Path,
+    ) -> Result<Option<DatabaseLocation>, GatewayError> {
+        let file = self.string(root, "database")?;
+        let from_file = self.string(root, "database_url")?;
+        let (url, field) = match std::env::var(DATABASE_URL_ENV) {
+            // The environment wins over the file (a deployment's secret
+            // overrides what an image ships).
+            Ok(url) if !url.trim().is_empty() => (Some(url), DATABASE_URL_ENV),
+            _ => (from_file, "database_url"),
+        };
+        let file = if field == DATABASE_URL_ENV {
+            None
+        } else {
+            file
+        };
+        match (file, url) {
+            (Some(_), Some(_)) => Err(self.err(
+                field,
+                "set either database (SQLite file) or database_url (PostgreSQL), not both",
+            )),
+            (Some(file), None) => Ok(Some(DatabaseLocation::Sqlite(base.join(file)))),
+            (None, Some(url)) => {
+                if !(url.starts_with("postgres://")
+                    || url.starts_with("postgresql://")
+                    || url.contains('='))
+                {
+                    return Err(self.err(
+                        field,
+                        "expected a PostgreSQL connection string (postgres://user@host:port/db); \
+                         an SQLite file goes in database",
+                    ));
+                }
+                PostgresUrl::parse(url.trim())
+                    .map(|u| Some(DatabaseLocation::Postgres(u)))
+                    .map_err(|reason| self.err(field, reason))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
     fn err(&self, field: &str, reason: impl Into<String>) -> GatewayError {
         GatewayError::Config {
             path: self.path.to_owned(),
@@ -451,10 +511,52 @@ mod tests {
         );
         assert_eq!(config.tls.key_file, PathBuf::from("/abs/gateway-key.pem"));
         assert_eq!(config.tls.ca_file, PathBuf::from("/etc/gw/certs/ca.pem"));
-        assert_eq!(config.database, Some(PathBuf::from("/etc/gw/gateway.db")));
+        assert_eq!(
+            config.database,
+            Some(DatabaseLocation::Sqlite(PathBuf::from(
+                "/etc/gw/gateway.db"
+            )))
+        );
         assert_eq!(config.heartbeat_interval_sec, 30);
         let sources = &config.agents["agent-edge-01"].sources;
         assert_eq!(sources["Demo Faker"]["type"], "faker");
+    }
+
+    #[test]
+    fn database_url_selects_postgres_and_its_password_is_never_shown() {
+        let tls = r#""tls":{"cert_file":"a","key_file":"b","ca_file":"c"}"#;
+        let config = parse(&format!(
+            r#"{{{tls},"database_url":"postgres://gw:pw-s3cret@db.internal:5433/sr"}}"#
+        ))
+        .unwrap();
+        let Some(DatabaseLocation::Postgres(url)) = &config.database else {
+            panic!("expected PostgreSQL, got {:?}", config.database)
+        };
+        assert_eq!(url.redacted(), "postgres://gw@db.internal:5433/sr");
+        assert!(!format!("{config:?}").contains("pw-s3cret"));
+
+        let both = parse(&format!(
+            r#"{{{tls},"database":"g.db","database_url":"postgres://gw:pw-s3cret@db/sr"}}"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            both.contains("database_url") && !both.contains("pw-s3cret"),
+            "{both}"
+        );
+        let sqlite_in_url = parse(&format!(r#"{{{tls},"database_url":"gateway.db"}}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(sqlite_in_url.contains("database_url"), "{sqlite_in_url}");
+        let broken = parse(&format!(
+            r#"{{{tls},"database_url":"postgres://gw:pw-s3cret@db:notaport/sr"}}"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            broken.contains("database_url") && !broken.contains("pw-s3cret"),
+            "{broken}"
+        );
     }
 
     #[test]

@@ -51,7 +51,7 @@ use tokio_stream::StreamExt;
 pub use cli::run_from_file;
 pub use config::{AgentSources, GatewayConfig};
 pub use identity::{IdentityError, IdentityKind, PeerIdentity};
-pub use store::{DeviceRow, RunRow, Store, StoreError};
+pub use store::{DatabaseLocation, DeviceRow, PostgresUrl, RunRow, Store, StoreError};
 
 use crate::proto::agent_gateway_service_server::AgentGatewayServiceServer;
 
@@ -102,7 +102,7 @@ pub enum GatewayError {
     #[error(
         "the credentials key ({origin}) is not the key this database's credentials were sealed with ({path})"
     )]
-    WrongCredentialsKey { origin: String, path: PathBuf },
+    WrongCredentialsKey { origin: String, path: String },
     #[error("no tenant {0:?}")]
     UnknownTenant(String),
     /// The admin API is configured but cannot start (no token, no database).
@@ -249,12 +249,14 @@ impl Shared {
     }
 }
 
-/// Opens the database named by `path`.
-pub async fn open_store(path: &std::path::Path) -> Result<Store, StoreError> {
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || Store::open(&path))
+/// Opens the database (on a blocking thread: both clients block).
+pub async fn open_store(location: &DatabaseLocation) -> Result<Store, StoreError> {
+    let location = location.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open_location(&location))
         .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        .map_err(|e| StoreError::Task(e.to_string()))??;
+    tracing::info!(database = %store.location(), "database open");
+    Ok(store)
 }
 
 /// Loads the credentials key and checks it against the one the database's
@@ -276,7 +278,7 @@ pub async fn load_credentials_key(
     if !opens {
         return Err(GatewayError::WrongCredentialsKey {
             origin: key.origin().to_string(),
-            path: store.path().to_owned(),
+            path: store.location().to_string(),
         });
     }
     Ok(Arc::new(key))

@@ -127,6 +127,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::store::testing;
 
     fn agent(id: &str, capabilities: &[&str], at: i64) -> AgentRecord {
         AgentRecord {
@@ -155,7 +156,13 @@ mod tests {
     #[tokio::test]
     async fn hello_keeps_first_seen_and_heartbeats_move_last_seen_forward_only() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("gw.db")).unwrap();
+        for location in testing::fresh_locations(dir.path(), "registry").await {
+            registry_remembers(&location).await;
+        }
+    }
+
+    async fn registry_remembers(location: &crate::gateway::DatabaseLocation) {
+        let store = testing::open(location).await;
         let registry = Registry::load(Some(store.clone())).await.unwrap();
         registry.hello(agent("a", &["sync"], 100)).await;
         let mut again = agent("a", &["sync"], 200);
@@ -174,7 +181,7 @@ mod tests {
         // The database holds the same, and a new registry starts from it.
         assert_eq!(store.agents().await.unwrap(), vec![a.clone()]);
         drop(registry);
-        let reopened = Registry::load(Some(Store::open(&dir.path().join("gw.db")).unwrap()))
+        let reopened = Registry::load(Some(testing::open(location).await))
             .await
             .unwrap();
         assert_eq!(reopened.get("default", "a"), Some(a));

@@ -480,14 +480,14 @@ async fn ensure_platform_tenant(
             let id = parse_tenant_id(&platform.id).map_err(|e| {
                 TenancyError::Inconsistent(format!(
                     "database {}: platform tenant: {e}",
-                    store.path().display()
+                    store.location()
                 ))
             })?;
             if let Some(configured) = settings.platform_tenant_id {
                 if configured != id {
                     return Err(TenancyError::Inconsistent(format!(
                         "platform_tenant_id {configured} in the config differs from the platform tenant {id} in {}",
-                        store.path().display()
+                        store.location()
                     )));
                 }
             }
@@ -496,7 +496,7 @@ async fn ensure_platform_tenant(
                     "platform_tenant_slug {:?} in the config differs from the platform tenant's slug {:?} in {}",
                     settings.platform_slug,
                     platform.slug,
-                    store.path().display()
+                    store.location()
                 )));
             }
         }
@@ -528,6 +528,7 @@ async fn ensure_platform_tenant(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::store::testing;
 
     #[test]
     fn slugs_and_ids() {
@@ -551,23 +552,22 @@ mod tests {
     #[tokio::test]
     async fn the_platform_tenant_id_is_random_and_kept_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("gw.db");
-        let first = Tenants::bootstrap(
-            TenancySettings::default(),
-            Some(Store::open(&path).unwrap()),
-        )
-        .await
-        .unwrap();
+        for location in testing::fresh_locations(dir.path(), "platform").await {
+            platform_id_is_kept(&location).await;
+        }
+    }
+
+    async fn platform_id_is_kept(path: &crate::gateway::DatabaseLocation) {
+        let first = Tenants::bootstrap(TenancySettings::default(), Some(testing::open(path).await))
+            .await
+            .unwrap();
         let platform = first.platform().unwrap();
         assert!(!parse_tenant_id(&platform.id).unwrap().is_nil());
         assert!(first.default_tenant().is_some());
         drop(first);
-        let again = Tenants::bootstrap(
-            TenancySettings::default(),
-            Some(Store::open(&path).unwrap()),
-        )
-        .await
-        .unwrap();
+        let again = Tenants::bootstrap(TenancySettings::default(), Some(testing::open(path).await))
+            .await
+            .unwrap();
         assert_eq!(again.platform().unwrap().id, platform.id);
 
         // A different configured id is an error, not a silent second tenant.
@@ -575,7 +575,7 @@ mod tests {
             platform_tenant_id: Some(Uuid::new_v4()),
             ..TenancySettings::default()
         };
-        let err = Tenants::bootstrap(pinned, Some(Store::open(&path).unwrap()))
+        let err = Tenants::bootstrap(pinned, Some(testing::open(path).await))
             .await
             .err()
             .unwrap();
@@ -590,12 +590,12 @@ mod tests {
             platform_tenant_id: Some(id),
             ..TenancySettings::default()
         };
-        let tenants = Tenants::bootstrap(
-            settings,
-            Some(Store::open(&dir.path().join("g.db")).unwrap()),
-        )
-        .await
-        .unwrap();
-        assert_eq!(tenants.platform().unwrap().id, id.to_string());
+        for location in testing::fresh_locations(dir.path(), "pinned").await {
+            let tenants =
+                Tenants::bootstrap(settings.clone(), Some(testing::open(&location).await))
+                    .await
+                    .unwrap();
+            assert_eq!(tenants.platform().unwrap().id, id.to_string(), "{location}");
+        }
     }
 }

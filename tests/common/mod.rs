@@ -22,6 +22,9 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub pki: PkiLayout,
+    /// The gateway's database: `gateway.db` in the fixture's directory
+    /// unless [`Fixture::with_database`] names another.
+    pub database: gateway::DatabaseLocation,
 }
 
 impl Fixture {
@@ -38,7 +41,17 @@ impl Fixture {
             &agents,
         )
         .expect("dev pki");
-        Self { dir, pki }
+        let database = gateway::DatabaseLocation::Sqlite(dir.path().join("gateway.db"));
+        Self { dir, pki, database }
+    }
+
+    /// The same fixture with its gateways on `database`, either backend: a
+    /// storage test passes `backend.fresh_database(fx.path(), "gateway")
+    /// .await`. Every gateway of the fixture uses it, so a second
+    /// [`Fixture::gateway`] is a restart on the same database.
+    pub fn with_database(mut self, database: gateway::DatabaseLocation) -> Self {
+        self.database = database;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -58,7 +71,7 @@ impl Fixture {
             gateway_id: "gw-test".into(),
             tls: self.pki.gateway(),
             allow_tls12: false,
-            database: Some(self.path().join("gateway.db")),
+            database: Some(self.database.clone()),
             heartbeat_interval_sec: 30,
             config_poll_interval_sec: 300,
             agents,

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use serviceradar_agent::gateway::{self, AgentSources, GatewayConfig, GatewayEvent, GatewayHandle};
+use serviceradar_agent::gateway::{
+    self, AgentSources, DatabaseLocation, GatewayConfig, GatewayEvent, GatewayHandle,
+};
 use serviceradar_agent::pki::{write_pair, DevCa, PkiLayout};
 use serviceradar_agent::proto::agent_gateway_service_client::AgentGatewayServiceClient;
 use serviceradar_agent::proto::{GatewayServiceStatus, GatewayStatusChunk};
@@ -57,12 +59,30 @@ impl TestPki {
         files
     }
 
+    /// A gateway config with the SQLite file `gateway.db` in the PKI's
+    /// directory (`database`), or validate-only (no database).
     pub fn gateway_config(&self, database: bool) -> GatewayConfig {
+        let mut config = self.gateway_config_on(self.sqlite_database());
+        if !database {
+            config.database = None;
+        }
+        config
+    }
+
+    /// The SQLite database of [`TestPki::gateway_config`]`(true)`.
+    pub fn sqlite_database(&self) -> DatabaseLocation {
+        DatabaseLocation::Sqlite(self.dir.path().join("gateway.db"))
+    }
+
+    /// A gateway config on `database`, either backend (a storage test passes
+    /// `backend.fresh_database(pki.dir.path(), "gateway").await`; starting
+    /// again on the same location is a restart).
+    pub fn gateway_config_on(&self, database: DatabaseLocation) -> GatewayConfig {
         GatewayConfig {
             listen: "127.0.0.1:0".into(),
             gateway_id: "gw-test".into(),
             tls: self.layout.gateway(),
-            database: database.then(|| self.dir.path().join("gateway.db")),
+            database: Some(database),
             credentials_key: gateway::secrets::KeySettings {
                 key_file: None,
                 dev_key_file: Some(self.dir.path().join("gateway.key")),
@@ -104,6 +124,93 @@ pub async fn start_with_agents(
     let mut config = pki.gateway_config(database);
     config.agents = agents;
     start(config).await
+}
+
+/// [`start_with_agents`] on `database`, either backend.
+pub async fn start_with_agents_on(
+    pki: &TestPki,
+    database: DatabaseLocation,
+    agents: BTreeMap<String, AgentSources>,
+) -> GatewayHandle {
+    let mut config = pki.gateway_config_on(database);
+    config.agents = agents;
+    start(config).await
+}
+
+// ---- what the database holds ---------------------------------------------
+
+/// Everything the database holds, as `(where, bytes)`: on SQLite the
+/// database file and its `-wal` and `-shm` files as they are on disk; on
+/// PostgreSQL the text of every row of every table (`row::text`: a `BYTEA`
+/// shows as hex, see [`assert_nowhere_in_clear`]). Read with the gateway
+/// stopped or idle.
+pub async fn database_contents(location: &DatabaseLocation) -> Vec<(String, Vec<u8>)> {
+    match location {
+        DatabaseLocation::Sqlite(path) => ["", "-wal", "-shm"]
+            .iter()
+            .filter_map(|suffix| {
+                let mut name = path.as_os_str().to_owned();
+                name.push(suffix);
+                std::fs::read(&name)
+                    .ok()
+                    .map(|bytes| (std::path::PathBuf::from(name).display().to_string(), bytes))
+            })
+            .collect(),
+        DatabaseLocation::Postgres(url) => {
+            let url = url.expose_secret().to_owned();
+            // The blocking client must not live on a tokio runtime's thread.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(postgres_rows(&url));
+            });
+            rx.await.expect("the database dump thread")
+        }
+    }
+}
+
+fn postgres_rows(url: &str) -> Vec<(String, Vec<u8>)> {
+    let mut client = postgres::Client::connect(url, postgres::NoTls).expect("connect to dump");
+    let tables: Vec<(String, String)> = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_tables \
+             WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
+            &[],
+        )
+        .expect("list the tables")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let mut contents = Vec::new();
+    for (schema, table) in tables {
+        let rows = client
+            .query(
+                &format!("SELECT t::text FROM \"{schema}\".\"{table}\" t"),
+                &[],
+            )
+            .unwrap_or_else(|e| panic!("dump {schema}.{table}: {e}"));
+        let mut bytes = Vec::new();
+        for row in rows {
+            let text: String = row.get(0);
+            bytes.extend(text.into_bytes());
+            bytes.push(b'\n');
+        }
+        contents.push((format!("{schema}.{table}"), bytes));
+    }
+    contents
+}
+
+/// `needle` is nowhere in `contents` ([`database_contents`]), neither as
+/// such nor hex-encoded (how PostgreSQL shows a `BYTEA`).
+pub fn assert_nowhere_in_clear(contents: &[(String, Vec<u8>)], needle: &str) {
+    let hex = hex::encode(needle);
+    for (place, bytes) in contents {
+        for form in [needle, hex.as_str()] {
+            assert!(
+                !bytes.windows(form.len()).any(|w| w == form.as_bytes()),
+                "{needle:?} found in clear in {place}"
+            );
+        }
+    }
 }
 
 /// A gRPC client over our mTLS connector (TLS 1.3, CA file as only root).

@@ -217,7 +217,7 @@ impl Admin {
             AdminError::Internal(format!(
                 "after unmerge in tenant {:?}: the {role} device {id} is missing from {}",
                 tenant.slug,
-                self.store.path().display()
+                self.store.location()
             ))
         })
     }

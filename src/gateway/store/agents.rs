@@ -1,7 +1,6 @@
 //! The `agents` table behind the registry (gateway.md §2).
 
-use rusqlite::params;
-
+use super::db::{DbError, Row};
 use super::{Store, StoreError};
 use crate::gateway::registry::AgentRecord;
 
@@ -11,26 +10,26 @@ impl Store {
     pub async fn upsert_agent(&self, agent: AgentRecord) -> Result<(), StoreError> {
         let capabilities =
             serde_json::to_string(&agent.capabilities).unwrap_or_else(|_| "[]".to_owned());
-        self.call(move |c| {
-            c.execute(
+        self.call(move |tx| {
+            tx.execute(
                 "INSERT INTO agents (tenant, agent_id, partition, version, hostname, os, arch,
                                      capabilities, first_seen, last_seen)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                  ON CONFLICT (tenant, agent_id) DO UPDATE SET
                     partition = excluded.partition, version = excluded.version,
                     hostname = excluded.hostname, os = excluded.os, arch = excluded.arch,
                     capabilities = excluded.capabilities, last_seen = excluded.last_seen",
-                params![
-                    agent.tenant,
-                    agent.agent_id,
-                    agent.partition,
-                    agent.version,
-                    agent.hostname,
-                    agent.os,
-                    agent.arch,
-                    capabilities,
-                    agent.first_seen,
-                    agent.last_seen
+                &[
+                    &agent.tenant,
+                    &agent.agent_id,
+                    &agent.partition,
+                    &agent.version,
+                    &agent.hostname,
+                    &agent.os,
+                    &agent.arch,
+                    &capabilities,
+                    &agent.first_seen,
+                    &agent.last_seen,
                 ],
             )
             .map(|_| ())
@@ -46,10 +45,11 @@ impl Store {
         at: i64,
     ) -> Result<(), StoreError> {
         let (tenant, agent_id) = (tenant.to_owned(), agent_id.to_owned());
-        self.call(move |c| {
-            c.execute(
-                "UPDATE agents SET last_seen = MAX(last_seen, ?3) WHERE tenant = ?1 AND agent_id = ?2",
-                params![tenant, agent_id, at],
+        self.call(move |tx| {
+            tx.execute(
+                "UPDATE agents SET last_seen = CASE WHEN last_seen > $3 THEN last_seen ELSE $3 END
+                 WHERE tenant = $1 AND agent_id = $2",
+                &[&tenant, &agent_id, &at],
             )
             .map(|_| ())
         })
@@ -58,10 +58,12 @@ impl Store {
 
     /// Every registered agent, ordered by (tenant, agent_id).
     pub async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
-        self.call(|c| {
-            let mut stmt = c.prepare(&format!("{AGENT_COLUMNS} ORDER BY tenant, agent_id"))?;
-            let rows = stmt.query_map([], agent_row)?;
-            rows.collect()
+        self.call(|tx| {
+            tx.query(
+                &format!("{AGENT_COLUMNS} ORDER BY tenant, agent_id"),
+                &[],
+                agent_row,
+            )
         })
         .await
     }
@@ -70,7 +72,7 @@ impl Store {
 const AGENT_COLUMNS: &str = "SELECT tenant, agent_id, partition, version, hostname, os, arch,
     capabilities, first_seen, last_seen FROM agents";
 
-fn agent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRecord> {
+fn agent_row(r: &Row<'_, '_>) -> Result<AgentRecord, DbError> {
     let capabilities: String = r.get(7)?;
     Ok(AgentRecord {
         tenant: r.get(0)?,

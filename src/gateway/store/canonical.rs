@@ -1,23 +1,26 @@
-//! Canonical devices on SQLite: the DIRE index ([`DeviceIndex`]) over one
-//! transaction, listing, and undoing merges (gateway.md §5).
+//! Canonical devices: the row-at-a-time DIRE index ([`DeviceIndex`]) over
+//! one transaction of either backend, listing, and undoing merges
+//! (gateway.md §5). PostgreSQL reconciles runs in prefetched batches
+//! instead ([`super::pg_dire`]); the rules are the same code.
 
-use rusqlite::{params, OptionalExtension, Transaction};
 use serde_json::Value;
 
+use super::db::{DbError, Dialect, Row, Tx};
 use super::{Store, StoreError};
 use crate::clock::unix_secs;
 use crate::gateway::dire::reconcile::{self, metadata_map, DeviceIndex, MergeRecord, Scope};
 use crate::gateway::dire::{CanonicalDevice, Identifier};
 
 /// The DIRE index over an open transaction.
-pub(crate) struct SqliteIndex<'t> {
-    pub tx: &'t Transaction<'t>,
+pub(crate) struct SqlIndex<'t, 'c> {
+    pub tx: &'t mut Tx<'c>,
 }
 
-const DEVICE_COLUMNS: &str = "SELECT id, tenant, partition, ip, mac, hostname, sources, metadata,
+pub(super) const DEVICE_COLUMNS: &str =
+    "SELECT id, tenant, partition, ip, mac, hostname, sources, metadata,
     first_seen, last_seen, last_run_id, merged_into, identifiers FROM canonical_devices";
 
-fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CanonicalDevice> {
+pub(super) fn device_row(r: &Row<'_, '_>) -> Result<CanonicalDevice, DbError> {
     let sources: String = r.get(6)?;
     let metadata: String = r.get(7)?;
     let identifiers: String = r.get(12)?;
@@ -39,130 +42,135 @@ fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CanonicalDevice> {
     })
 }
 
-fn to_json(value: &impl serde::Serialize) -> String {
+pub(super) fn to_json(value: &impl serde::Serialize) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
 }
 
-impl DeviceIndex for SqliteIndex<'_> {
-    type Error = rusqlite::Error;
+impl DeviceIndex for SqlIndex<'_, '_> {
+    type Error = DbError;
 
-    fn holder(&mut self, scope: Scope<'_>, id: &Identifier) -> rusqlite::Result<Option<String>> {
-        self.tx
-            .prepare_cached(
-                "SELECT device_id FROM device_identifiers
-                 WHERE tenant = ?1 AND partition = ?2 AND kind = ?3 AND value = ?4",
-            )?
-            .query_row(
-                params![scope.tenant, scope.partition, id.kind.as_str(), id.value],
-                |r| r.get(0),
-            )
-            .optional()
+    fn holder(&mut self, scope: Scope<'_>, id: &Identifier) -> Result<Option<String>, DbError> {
+        self.tx.query_opt(
+            "SELECT device_id FROM device_identifiers
+             WHERE tenant = $1 AND partition = $2 AND kind = $3 AND value = $4",
+            &[
+                &scope.tenant,
+                &scope.partition,
+                &id.kind.as_str(),
+                &id.value,
+            ],
+            |r| r.get(0),
+        )
     }
 
-    fn holder_of_ip(&mut self, scope: Scope<'_>, ip: &str) -> rusqlite::Result<Option<String>> {
-        self.tx
-            .prepare_cached(
-                "SELECT id FROM canonical_devices WHERE tenant = ?1 AND partition = ?2 AND ip = ?3",
-            )?
-            .query_row(params![scope.tenant, scope.partition, ip], |r| r.get(0))
-            .optional()
+    fn holder_of_ip(&mut self, scope: Scope<'_>, ip: &str) -> Result<Option<String>, DbError> {
+        self.tx.query_opt(
+            "SELECT id FROM canonical_devices WHERE tenant = $1 AND partition = $2 AND ip = $3",
+            &[&scope.tenant, &scope.partition, &ip],
+            |r| r.get(0),
+        )
     }
 
     fn load(
         &mut self,
         _scope: Scope<'_>,
         device: &str,
-    ) -> rusqlite::Result<Option<CanonicalDevice>> {
-        self.tx
-            .prepare_cached(&format!("{DEVICE_COLUMNS} WHERE id = ?1"))?
-            .query_row([device], device_row)
-            .optional()
+    ) -> Result<Option<CanonicalDevice>, DbError> {
+        self.tx.query_opt(
+            &format!("{DEVICE_COLUMNS} WHERE id = $1"),
+            &[&device],
+            device_row,
+        )
     }
 
-    fn release_ip(&mut self, scope: Scope<'_>, ip: &str, keeper: &str) -> rusqlite::Result<()> {
-        self.tx
-            .prepare_cached(
-                "UPDATE canonical_devices SET ip = NULL
-                 WHERE tenant = ?1 AND partition = ?2 AND ip = ?3 AND id <> ?4",
-            )?
-            .execute(params![scope.tenant, scope.partition, ip, keeper])?;
+    fn release_ip(&mut self, scope: Scope<'_>, ip: &str, keeper: &str) -> Result<(), DbError> {
+        self.tx.execute(
+            "UPDATE canonical_devices SET ip = NULL
+             WHERE tenant = $1 AND partition = $2 AND ip = $3 AND id <> $4",
+            &[&scope.tenant, &scope.partition, &ip, &keeper],
+        )?;
         Ok(())
     }
 
-    fn store(&mut self, device: &CanonicalDevice) -> rusqlite::Result<()> {
-        self.tx
-            .prepare_cached(
-                "INSERT INTO canonical_devices (id, tenant, partition, ip, mac, hostname, sources,
-                     metadata, first_seen, last_seen, last_run_id, merged_into, identifiers)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
-                 ON CONFLICT (id) DO UPDATE SET ip = excluded.ip, mac = excluded.mac,
-                     hostname = excluded.hostname, sources = excluded.sources,
-                     metadata = excluded.metadata, first_seen = excluded.first_seen,
-                     last_seen = excluded.last_seen, last_run_id = excluded.last_run_id,
-                     merged_into = excluded.merged_into, identifiers = excluded.identifiers",
-            )?
-            .execute(params![
-                device.id,
-                device.tenant,
-                device.partition,
-                device.ip,
-                device.mac,
-                device.hostname,
-                to_json(&device.sources),
-                to_json(&device.metadata),
-                device.first_seen,
-                device.last_seen,
-                device.last_run_id,
-                device.merged_into,
-                to_json(&device.identifiers),
-            ])?;
+    fn store(&mut self, device: &CanonicalDevice) -> Result<(), DbError> {
+        self.tx.execute(
+            "INSERT INTO canonical_devices (id, tenant, partition, ip, mac, hostname, sources,
+                 metadata, first_seen, last_seen, last_run_id, merged_into, identifiers)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             ON CONFLICT (id) DO UPDATE SET ip = excluded.ip, mac = excluded.mac,
+                 hostname = excluded.hostname, sources = excluded.sources,
+                 metadata = excluded.metadata, first_seen = excluded.first_seen,
+                 last_seen = excluded.last_seen, last_run_id = excluded.last_run_id,
+                 merged_into = excluded.merged_into, identifiers = excluded.identifiers",
+            &[
+                &device.id,
+                &device.tenant,
+                &device.partition,
+                &device.ip,
+                &device.mac,
+                &device.hostname,
+                &to_json(&device.sources),
+                &to_json(&device.metadata),
+                &device.first_seen,
+                &device.last_seen,
+                &device.last_run_id,
+                &device.merged_into,
+                &to_json(&device.identifiers),
+            ],
+        )?;
         Ok(())
     }
 
-    fn touch(&mut self, device: &str, last_seen: i64, run_id: &str) -> rusqlite::Result<()> {
-        self.tx
-            .prepare_cached(
-                "UPDATE canonical_devices SET last_seen = ?2, last_run_id = ?3 WHERE id = ?1",
-            )?
-            .execute(params![device, last_seen, run_id])?;
+    fn touch(&mut self, device: &str, last_seen: i64, run_id: &str) -> Result<(), DbError> {
+        self.tx.execute(
+            "UPDATE canonical_devices SET last_seen = $2, last_run_id = $3 WHERE id = $1",
+            &[&device, &last_seen, &run_id],
+        )?;
         Ok(())
     }
 
-    fn attach(&mut self, scope: Scope<'_>, id: &Identifier, device: &str) -> rusqlite::Result<()> {
-        self.tx
-            .prepare_cached(
-                "INSERT INTO device_identifiers (tenant, partition, kind, value, device_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (tenant, partition, kind, value) DO UPDATE SET device_id = excluded.device_id",
-            )?
-            .execute(params![scope.tenant, scope.partition, id.kind.as_str(), id.value, device])?;
+    fn attach(&mut self, scope: Scope<'_>, id: &Identifier, device: &str) -> Result<(), DbError> {
+        self.tx.execute(
+            "INSERT INTO device_identifiers (tenant, partition, kind, value, device_id)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (tenant, partition, kind, value) DO UPDATE SET device_id = excluded.device_id",
+            &[&scope.tenant, &scope.partition, &id.kind.as_str(), &id.value, &device],
+        )?;
         Ok(())
     }
 
-    fn record_merge(&mut self, merge: &MergeRecord) -> rusqlite::Result<()> {
-        self.tx
-            .prepare_cached(
-                "INSERT INTO device_merges (tenant, partition, from_device, into_device, reason,
-                     identifiers, from_before, into_before, merged_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?
-            .execute(params![
-                merge.tenant,
-                merge.partition,
-                merge.from,
-                merge.into,
-                merge.reason,
-                to_json(&merge.identifiers),
-                to_json(&with_identifiers(&merge.from_before)),
-                to_json(&with_identifiers(&merge.into_before)),
-                merge.at,
-            ])?;
+    fn record_merge(&mut self, merge: &MergeRecord) -> Result<(), DbError> {
+        self.tx.execute(
+            "INSERT INTO device_merges (tenant, partition, from_device, into_device, reason,
+                 identifiers, from_before, into_before, merged_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &[
+                &merge.tenant,
+                &merge.partition,
+                &merge.from,
+                &merge.into,
+                &merge.reason,
+                &to_json(&merge.identifiers),
+                &to_json(&with_identifiers(&merge.from_before)),
+                &to_json(&with_identifiers(&merge.into_before)),
+                &merge.at,
+            ],
+        )?;
         Ok(())
     }
 }
 
+/// PostgreSQL: serialises everything that reconciles or unmerges in one
+/// (tenant, partition) across gateways sharing the database, until commit.
+/// Taken before the first read of the scope, so what is read afterwards
+/// includes everything the previous holder committed.
+pub(super) fn lock_scope(tx: &mut Tx<'_>, tenant: &str, partition: &str) -> Result<(), DbError> {
+    tx.execute(super::pg_dire::SCOPE_LOCK_SQL, &[&tenant, &partition])?;
+    Ok(())
+}
+
 /// Devices are serialised with their identifiers for the audit trail.
-fn with_identifiers(device: &CanonicalDevice) -> Value {
+pub(super) fn with_identifiers(device: &CanonicalDevice) -> Value {
     serde_json::to_value(device).unwrap_or(Value::Null)
 }
 
@@ -235,64 +243,55 @@ impl Store {
         &self,
         filter: DeviceFilter,
     ) -> Result<Vec<CanonicalDevice>, StoreError> {
-        let store = self.clone();
-        self.call_mut(move |c| {
-            let sql = |e| store.sql(e);
-            let tx = c.transaction().map_err(sql)?;
-            let devices = {
-                let mut stmt = tx
-                    .prepare(&format!(
-                        "{DEVICE_COLUMNS}
-                         WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR partition = ?2)
-                           AND (?3 IS NULL OR EXISTS (SELECT 1 FROM json_each(sources) WHERE value = ?3))
-                           AND (?4 IS NULL OR ip = ?4) AND (?5 OR merged_into IS NULL)
-                         ORDER BY tenant, partition, id LIMIT ?6 OFFSET ?7"
-                    ))
-                    .map_err(sql)?;
-                let rows = stmt
-                    .query_map(
-                        params![
-                            filter.tenant,
-                            filter.partition,
-                            filter.source,
-                            filter.ip,
-                            filter.include_merged,
-                            filter.limit as i64,
-                            filter.offset as i64
-                        ],
-                        device_row,
-                    )
-                    .map_err(sql)?;
-                rows.collect::<rusqlite::Result<Vec<_>>>().map_err(sql)?
+        self.call(move |tx| {
+            // `sources` is a JSON array of names.
+            let has_source = match tx.dialect() {
+                Dialect::Sqlite => "EXISTS (SELECT 1 FROM json_each(sources) WHERE value = $3)",
+                Dialect::Postgres => "sources::jsonb ? $3",
             };
-            Ok(devices)
+            tx.query(
+                &format!(
+                    "{DEVICE_COLUMNS}
+                     WHERE (CAST($1 AS TEXT) IS NULL OR tenant = $1)
+                       AND (CAST($2 AS TEXT) IS NULL OR partition = $2)
+                       AND (CAST($3 AS TEXT) IS NULL OR {has_source})
+                       AND (CAST($4 AS TEXT) IS NULL OR ip = $4) AND ($5 OR merged_into IS NULL)
+                     ORDER BY tenant, partition, id LIMIT $6 OFFSET $7"
+                ),
+                &[
+                    &filter.tenant,
+                    &filter.partition,
+                    &filter.source,
+                    &filter.ip,
+                    &filter.include_merged,
+                    &(filter.limit as i64),
+                    &(filter.offset as i64),
+                ],
+                device_row,
+            )
         })
         .await
     }
 
     /// One canonical device by id.
     pub async fn canonical_device(&self, id: &str) -> Result<Option<CanonicalDevice>, StoreError> {
-        let store = self.clone();
         let id = id.to_owned();
-        self.call_mut(move |c| {
-            let sql = |e| store.sql(e);
-            let tx = c.transaction().map_err(sql)?;
+        self.call(move |tx| {
             let scope = Scope {
                 tenant: "",
                 partition: "",
             };
-            SqliteIndex { tx: &tx }.load(scope, &id).map_err(sql)
+            SqlIndex { tx }.load(scope, &id)
         })
         .await
     }
 
     /// Live canonical devices (not merged into another).
     pub async fn canonical_device_count(&self) -> Result<u64, StoreError> {
-        self.call(|c| {
-            c.query_row(
+        self.call(|tx| {
+            tx.query_value::<i64>(
                 "SELECT COUNT(*) FROM canonical_devices WHERE merged_into IS NULL",
-                [],
-                |r| r.get::<_, i64>(0),
+                &[],
             )
         })
         .await
@@ -302,27 +301,27 @@ impl Store {
     /// Merges recorded for a device (as survivor or as merged), newest first.
     pub async fn merges_of(&self, device: &str) -> Result<Vec<MergeRow>, StoreError> {
         let device = device.to_owned();
-        self.call(move |c| {
-            let mut stmt = c.prepare(
+        self.call(move |tx| {
+            tx.query(
                 "SELECT id, tenant, partition, from_device, into_device, reason, identifiers,
                         merged_at, undone_at
-                 FROM device_merges WHERE from_device = ?1 OR into_device = ?1 ORDER BY id DESC",
-            )?;
-            let rows = stmt.query_map([device], |r| {
-                let identifiers: String = r.get(6)?;
-                Ok(MergeRow {
-                    id: r.get(0)?,
-                    tenant: r.get(1)?,
-                    partition: r.get(2)?,
-                    from_device: r.get(3)?,
-                    into_device: r.get(4)?,
-                    reason: r.get(5)?,
-                    identifiers: serde_json::from_str(&identifiers).unwrap_or_default(),
-                    merged_at: r.get(7)?,
-                    undone_at: r.get(8)?,
-                })
-            })?;
-            rows.collect()
+                 FROM device_merges WHERE from_device = $1 OR into_device = $1 ORDER BY id DESC",
+                &[&device],
+                |r| {
+                    let identifiers: String = r.get(6)?;
+                    Ok(MergeRow {
+                        id: r.get(0)?,
+                        tenant: r.get(1)?,
+                        partition: r.get(2)?,
+                        from_device: r.get(3)?,
+                        into_device: r.get(4)?,
+                        reason: r.get(5)?,
+                        identifiers: serde_json::from_str(&identifiers).unwrap_or_default(),
+                        merged_at: r.get(7)?,
+                        undone_at: r.get(8)?,
+                    })
+                },
+            )
         })
         .await
     }
@@ -331,39 +330,45 @@ impl Store {
     /// the merged device comes back as it was, with its identifiers, and the
     /// survivor loses what it brought. Returns the merge undone, if any.
     pub async fn unmerge(&self, device: &str) -> Result<Option<MergeRow>, StoreError> {
-        let store = self.clone();
         let device = device.to_owned();
-        self.call_mut(move |c| {
-            let sql = |e| store.sql(e);
+        self.call_mut(move |tx| {
             let corrupt = |what: &str| StoreError::Corrupt {
-                path: store.path().to_owned(),
+                location: String::new(),
                 reason: format!("merge audit of {device}: {what}"),
             };
-            let tx = c.transaction().map_err(sql)?;
-            let latest = tx
-                .query_row(
-                    "SELECT id, tenant, partition, from_device, into_device, reason, identifiers,
-                            from_before, into_before, merged_at
-                     FROM device_merges WHERE into_device = ?1 AND undone_at IS NULL
-                     ORDER BY id DESC LIMIT 1",
-                    [&device],
-                    |r| {
-                        Ok((
-                            r.get::<_, i64>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, String>(2)?,
-                            r.get::<_, String>(3)?,
-                            r.get::<_, String>(4)?,
-                            r.get::<_, String>(5)?,
-                            r.get::<_, String>(6)?,
-                            r.get::<_, String>(7)?,
-                            r.get::<_, String>(8)?,
-                            r.get::<_, i64>(9)?,
-                        ))
-                    },
-                )
-                .optional()
-                .map_err(sql)?;
+            type Latest = (
+                i64,
+                String,
+                String,
+                String,
+                String,
+                String,
+                String,
+                String,
+                String,
+                i64,
+            );
+            let latest: Option<Latest> = tx.query_opt(
+                "SELECT id, tenant, partition, from_device, into_device, reason, identifiers,
+                        from_before, into_before, merged_at
+                 FROM device_merges WHERE into_device = $1 AND undone_at IS NULL
+                 ORDER BY id DESC LIMIT 1",
+                &[&device],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                        r.get(8)?,
+                        r.get(9)?,
+                    ))
+                },
+            )?;
             let Some((
                 id,
                 tenant,
@@ -379,6 +384,10 @@ impl Store {
             else {
                 return Ok(None);
             };
+            if tx.dialect() == Dialect::Postgres {
+                // Serialised with reconciliation of the same scope.
+                lock_scope(tx, &tenant, &partition)?;
+            }
             let identifiers: Vec<Identifier> =
                 serde_json::from_str(&ids).map_err(|_| corrupt("identifiers"))?;
             let record = MergeRecord {
@@ -398,32 +407,29 @@ impl Store {
                 tenant: &tenant,
                 partition: &partition,
             };
-            let mut index = SqliteIndex { tx: &tx };
+            let mut index = SqlIndex { tx };
             let into_now = index
-                .load(scope, &into)
-                .map_err(sql)?
+                .load(scope, &into)?
                 .ok_or_else(|| corrupt("the surviving device is gone"))?;
             let (mut restored_from, restored_into) = reconcile::unmerged(&record, &into_now);
             // The merged device gets its IP back only if nobody took it since.
             if let Some(ip) = &restored_from.ip {
-                let holder = index.holder_of_ip(scope, ip).map_err(sql)?;
+                let holder = index.holder_of_ip(scope, ip)?;
                 if holder.is_some_and(|h| h != into || restored_into.ip.as_deref() == Some(ip)) {
                     restored_from.ip = None;
                 }
             }
             restored_from.merged_into = None;
-            index.store(&restored_into).map_err(sql)?;
-            index.store(&restored_from).map_err(sql)?;
+            index.store(&restored_into)?;
+            index.store(&restored_from)?;
             for identifier in &identifiers {
-                index.attach(scope, identifier, &from).map_err(sql)?;
+                index.attach(scope, identifier, &from)?;
             }
             let now = unix_secs();
-            tx.execute(
-                "UPDATE device_merges SET undone_at = ?2 WHERE id = ?1",
-                params![id, now],
-            )
-            .map_err(sql)?;
-            tx.commit().map_err(sql)?;
+            index.tx.execute(
+                "UPDATE device_merges SET undone_at = $2 WHERE id = $1",
+                &[&id, &now],
+            )?;
             Ok(Some(MergeRow {
                 id,
                 tenant,

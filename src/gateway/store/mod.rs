@@ -1,4 +1,5 @@
-//! The gateway's SQLite database, one module per concern:
+//! The gateway's database, SQLite (embedded, the default) or PostgreSQL
+//! (`database_url`, several gateways may share it), one module per concern:
 //!
 //! - [`staging`]: staged chunks of incomplete runs, completed runs and the
 //!   `devices` table (gateway.md §4);
@@ -7,22 +8,31 @@
 //! - [`sources`]: integration sources with sealed credentials and their
 //!   status (§3).
 //!
-//! rusqlite is blocking: the public async methods run on `spawn_blocking`
-//! behind one `Arc<Mutex<Connection>>`; the `*_blocking` methods are for the
-//! ingestion sink, which is already on a blocking thread. The database never
+//! Store code is written once, against [`db::Tx`] (either backend's
+//! transaction). Both clients are blocking: the public async methods run on
+//! `spawn_blocking` behind one connection in a mutex; the `*_blocking`
+//! methods are for the ingestion sink, which is already on a blocking thread. The database never
 //! sees a credential or a CA key in clear: callers seal them first
 //! ([`crate::gateway::secrets`]).
 
 mod agents;
 mod canonical;
+pub mod db;
+mod pg_dire;
+mod pg_schema;
 mod sources;
 mod staging;
 mod tenants;
+#[doc(hidden)]
+pub mod throwaway;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::Connection;
+
+pub use db::{DatabaseLocation, DbError, Dialect, PostgresUrl};
+use db::{PgClient, Tx};
 
 pub use canonical::{DeviceFilter, MergeRow};
 pub use sources::{SourceRef, SourceRow, SourceStatus, SourceStatusUpdate};
@@ -78,17 +88,14 @@ CREATE TABLE devices (
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database {path}: {source}")]
-    Sqlite {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    #[error("database {location}: {source}")]
+    Db { location: String, source: DbError },
     #[error(
-        "database {path} has schema version {found}, newer than this gateway ({SCHEMA_VERSION})"
+        "database {location} has schema version {found}, newer than this gateway ({SCHEMA_VERSION})"
     )]
-    NewerSchema { path: PathBuf, found: i64 },
-    #[error("database {path}: corrupt staged chunk: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
+    NewerSchema { location: String, found: i64 },
+    #[error("database {location}: corrupt data: {reason}")]
+    Corrupt { location: String, reason: String },
     #[error("database task failed: {0}")]
     Task(String),
     /// A uniqueness rule of the schema (tenant slug, source name per tenant).
@@ -99,101 +106,192 @@ pub enum StoreError {
 /// Handle to the gateway database (cheap to clone).
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
-    path: Arc<PathBuf>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Backend,
+    location: DatabaseLocation,
+}
+
+/// One connection per store: ingestion and administration take turns, as
+/// SQLite's single writer would make them anyway.
+enum Backend {
+    Sqlite(Mutex<Connection>),
+    Postgres(Mutex<PgClient>),
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("path", &self.path)
+            .field("location", &self.inner.location)
             .finish_non_exhaustive()
     }
 }
 
+/// How long a chunk of a stream that never finished may stay staged on a
+/// shared PostgreSQL database before a starting gateway removes it: another
+/// gateway may still be receiving that stream (on SQLite the database has a
+/// single gateway, so every such chunk is an orphan).
+const PG_ORPHAN_AGE_SECS: i64 = 3600;
+
 impl Store {
-    /// Opens (creating if needed) the database: WAL mode, schema migration,
-    /// and removal of chunks left by streams that never finished.
+    /// Opens (creating if needed) the SQLite database: WAL mode, schema
+    /// migration, and removal of chunks left by streams that never finished.
     /// Blocking; one gateway process per database file.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let sql = |source| StoreError::Sqlite {
-            path: path.to_owned(),
+        Self::open_location(&DatabaseLocation::Sqlite(path.to_owned()))
+    }
+
+    /// Opens either backend (blocking: call from a blocking thread, as
+    /// [`crate::gateway::open_store`] does). On PostgreSQL several gateways
+    /// may share the database.
+    pub fn open_location(location: &DatabaseLocation) -> Result<Self, StoreError> {
+        let err = |source: DbError| StoreError::Db {
+            location: location.to_string(),
             source,
         };
-        let mut conn = Connection::open(path).map_err(sql)?;
-        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
-            .map_err(sql)?;
-        // WAL + NORMAL is durable across application crashes; an OS crash may
-        // lose the last transactions, which agents resend (idempotent).
-        // A 64 MiB page cache: reconciling a large run touches the device
-        // and identifier indexes all over (the default is 2 MiB).
-        conn.execute_batch(
-            "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA cache_size = -65536;",
-        )
-        .map_err(sql)?;
-        migrate(&mut conn, path)?;
-        let orphans = conn
-            .execute("DELETE FROM staged_chunks WHERE stream_id IS NOT NULL", [])
-            .map_err(sql)?;
+        let backend = match location {
+            DatabaseLocation::Sqlite(path) => {
+                let conn = Connection::open(path).map_err(|e| err(e.into()))?;
+                conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+                    .map_err(|e| err(e.into()))?;
+                // WAL + NORMAL is durable across application crashes; an OS
+                // crash may lose the last transactions, which agents resend
+                // (idempotent). A 64 MiB page cache: reconciling a large run
+                // touches the device and identifier indexes all over (the
+                // default is 2 MiB).
+                conn.execute_batch(
+                    "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA cache_size = -65536;",
+                )
+                .map_err(|e| err(e.into()))?;
+                conn.set_prepared_statement_cache_capacity(64);
+                Backend::Sqlite(Mutex::new(conn))
+            }
+            DatabaseLocation::Postgres(url) => {
+                Backend::Postgres(Mutex::new(PgClient::connect(url).map_err(err)?))
+            }
+        };
+        let store = Self {
+            inner: Arc::new(Inner {
+                backend,
+                location: location.clone(),
+            }),
+        };
+        store.migrate()?;
+        let orphans = store.with_tx(|tx| {
+            Ok(match tx.dialect() {
+                Dialect::Sqlite => {
+                    tx.execute("DELETE FROM staged_chunks WHERE stream_id IS NOT NULL", &[])?
+                }
+                Dialect::Postgres => tx.execute(
+                    "DELETE FROM staged_chunks WHERE stream_id IS NOT NULL AND received_at < $1",
+                    &[&(crate::clock::unix_secs() - PG_ORPHAN_AGE_SECS)],
+                )?,
+            })
+        })?;
         if orphans > 0 {
             tracing::info!(
                 chunks = orphans,
                 "dropped chunks of streams interrupted by a restart"
             );
         }
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-            path: Arc::new(path.to_owned()),
-        })
+        Ok(store)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where the database is (its password never shown).
+    pub fn location(&self) -> &DatabaseLocation {
+        &self.inner.location
     }
 
+    /// Runs `f` in a transaction on a blocking thread; commits if it
+    /// returns `Ok`.
     pub(crate) async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<T, DbError> + Send + 'static,
     {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = store.lock();
-            f(&conn).map_err(|e| store.sql(e))
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        self.call_mut(move |tx| Ok(f(tx)?)).await
     }
 
-    /// Like [`Store::call`], with a mutable connection for transactions.
+    /// Like [`Store::call`], for work that fails with other store errors.
     pub(crate) async fn call_mut<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = store.lock();
-            f(&mut conn)
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        tokio::task::spawn_blocking(move || store.with_tx(f))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave a half-done transaction
-        // (rusqlite rolls back on drop), so a poisoned connection is usable.
-        self.conn
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Runs `f` in a transaction on this (blocking) thread; commits if it
+    /// returns `Ok`, rolls back otherwise.
+    pub(crate) fn with_tx<T>(
+        &self,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let err = |e: DbError| self.db_error(e);
+        match &self.inner.backend {
+            Backend::Sqlite(conn) => {
+                let mut conn = lock(conn);
+                let mut tx = Tx::Sqlite(conn.transaction().map_err(|e| err(e.into()))?);
+                let value = f(&mut tx).map_err(|e| self.locate(e))?;
+                tx.commit().map_err(err)?;
+                Ok(value)
+            }
+            Backend::Postgres(client) => {
+                let mut client = lock(client);
+                let client = client.client().map_err(err)?;
+                let mut tx = Tx::Postgres(client.transaction().map_err(|e| err(e.into()))?);
+                let value = f(&mut tx).map_err(|e| self.locate(e))?;
+                tx.commit().map_err(err)?;
+                Ok(value)
+            }
+        }
     }
 
-    pub(crate) fn sql(&self, source: rusqlite::Error) -> StoreError {
-        StoreError::Sqlite {
-            path: self.path.to_path_buf(),
+    pub(crate) fn db_error(&self, source: DbError) -> StoreError {
+        StoreError::Db {
+            location: self.inner.location.to_string(),
             source,
         }
     }
+
+    /// Errors raised inside a transaction do not know where they happened.
+    fn locate(&self, e: StoreError) -> StoreError {
+        match e {
+            StoreError::Db { location, source } if location.is_empty() => self.db_error(source),
+            StoreError::Corrupt { location, reason } if location.is_empty() => self.corrupt(reason),
+            other => other,
+        }
+    }
+
+    pub(crate) fn corrupt(&self, reason: impl Into<String>) -> StoreError {
+        StoreError::Corrupt {
+            location: self.inner.location.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<DbError> for StoreError {
+    /// Inside transaction closures; [`Store::with_tx`] fills in the location.
+    fn from(source: DbError) -> Self {
+        StoreError::Db {
+            location: String::new(),
+            source,
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave a half-done transaction
+    // (both clients roll back on drop), so a poisoned connection is usable.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Version 2: the agent registry (gateway.md §2).
@@ -354,52 +452,92 @@ CREATE INDEX device_merges_by_into ON device_merges (into_device, id);
 /// The tenant value of rows written before tenants existed.
 const LEGACY_TENANT: &str = "default";
 
-/// `user_version`-based migration: 0 → 1 creates the schema, 1 → 2 adds the
-/// agent registry, 2 → 3 adds tenants and sources. Each step is one
-/// transaction.
-fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
-    let sql = |source| StoreError::Sqlite {
-        path: path.to_owned(),
-        source,
-    };
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(sql)?;
-    if version > SCHEMA_VERSION {
-        return Err(StoreError::NewerSchema {
-            path: path.to_owned(),
-            found: version,
-        });
-    }
-    for (step, schema) in [
-        (1, SCHEMA_V1),
-        (2, SCHEMA_V2),
-        (3, SCHEMA_V3),
-        (4, SCHEMA_V4),
-    ] {
-        if version < step {
-            let tx = conn.transaction().map_err(sql)?;
-            tx.execute_batch(schema).map_err(sql)?;
-            if step == 3 {
-                adopt_legacy_rows(&tx).map_err(sql)?;
-            }
-            tx.pragma_update(None, "user_version", step).map_err(sql)?;
-            tx.commit().map_err(sql)?;
+impl Store {
+    /// Brings the schema to [`SCHEMA_VERSION`], one transaction per step.
+    /// SQLite counts in `PRAGMA user_version` (0 → 1 creates the schema,
+    /// 1 → 2 adds the agent registry, 2 → 3 tenants and sources, 3 → 4
+    /// DIRE); PostgreSQL in `schema_migrations`, under an advisory lock so
+    /// that gateways starting together migrate once.
+    fn migrate(&self) -> Result<(), StoreError> {
+        let sqlite = matches!(self.inner.backend, Backend::Sqlite(_));
+        let version = self.with_tx(|tx| {
+            Ok(match tx.dialect() {
+                Dialect::Sqlite => tx.query_value::<i64>("PRAGMA user_version", &[])?,
+                Dialect::Postgres => {
+                    // Even CREATE TABLE IF NOT EXISTS races with itself.
+                    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+                    tx.batch(
+                        "CREATE TABLE IF NOT EXISTS schema_migrations (
+                             version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+                    )?;
+                    tx.query_value::<i64>(
+                        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                        &[],
+                    )?
+                }
+            })
+        })?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                location: self.inner.location.to_string(),
+                found: version,
+            });
         }
+        let steps: &[(i64, &str)] = if sqlite {
+            &[
+                (1, SCHEMA_V1),
+                (2, SCHEMA_V2),
+                (3, SCHEMA_V3),
+                (4, SCHEMA_V4),
+            ]
+        } else {
+            pg_schema::PG_MIGRATIONS
+        };
+        for &(step, schema) in steps.iter().filter(|(step, _)| *step > version) {
+            self.with_tx(|tx| {
+                match tx.dialect() {
+                    Dialect::Sqlite => {
+                        tx.batch(schema)?;
+                        if step == 3 {
+                            adopt_legacy_rows(tx)?;
+                        }
+                        tx.batch(&format!("PRAGMA user_version = {step}"))?;
+                    }
+                    Dialect::Postgres => {
+                        // Another gateway may have applied it meanwhile.
+                        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+                        let done: bool = tx.query_value(
+                            "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version >= $1)",
+                            &[&step],
+                        )?;
+                        if !done {
+                            tx.batch(schema)?;
+                            tx.execute(
+                                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                                &[&step, &crate::clock::unix_secs()],
+                            )?;
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
-    Ok(())
 }
+
+/// The advisory lock key of schema migrations ("sr-migr").
+const MIGRATION_LOCK: i64 = 0x7372_2d6d_6967_72;
 
 /// Rows from before tenants existed belong to the default tenant: create it
 /// (slug `default`, a fresh id) if any such row exists, and point them at it.
-fn adopt_legacy_rows(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+fn adopt_legacy_rows(tx: &mut Tx<'_>) -> Result<(), DbError> {
     let tables = ["staged_chunks", "runs", "devices", "agents"];
     let mut legacy = false;
     for table in tables {
-        legacy |= tx.query_row(
-            &format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE tenant = ?1)"),
-            [LEGACY_TENANT],
-            |r| r.get::<_, bool>(0),
+        legacy |= tx.query_value::<bool>(
+            &format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE tenant = $1)"),
+            &[&LEGACY_TENANT],
         )?;
     }
     if !legacy {
@@ -407,16 +545,43 @@ fn adopt_legacy_rows(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     }
     let id = uuid::Uuid::new_v4().to_string();
     tx.execute(
-        "INSERT INTO tenants (id, slug, name, platform, created_at) VALUES (?1, ?2, 'Default tenant', 0, ?3)",
-        rusqlite::params![id, LEGACY_TENANT, crate::clock::unix_secs()],
+        "INSERT INTO tenants (id, slug, name, platform, created_at) VALUES ($1, $2, 'Default tenant', FALSE, $3)",
+        &[&id, &LEGACY_TENANT, &crate::clock::unix_secs()],
     )?;
     for table in tables {
         tx.execute(
-            &format!("UPDATE {table} SET tenant = ?1 WHERE tenant = ?2"),
-            [&id, LEGACY_TENANT],
+            &format!("UPDATE {table} SET tenant = $1 WHERE tenant = $2"),
+            &[&id, &LEGACY_TENANT],
         )?;
     }
     Ok(())
+}
+
+/// Unit tests of storage run on both backends.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A fresh database of each backend: SQLite `<dir>/<name>.db`, and a new
+    /// database on the test PostgreSQL server ([`throwaway`]).
+    pub(crate) async fn fresh_locations(dir: &Path, name: &str) -> [DatabaseLocation; 2] {
+        let prefix = name.to_owned();
+        let url = tokio::task::spawn_blocking(move || throwaway::fresh_database(&prefix))
+            .await
+            .expect("database task")
+            .unwrap_or_else(|e| panic!("PostgreSQL for the test: {e}"));
+        [
+            DatabaseLocation::Sqlite(dir.join(format!("{name}.db"))),
+            DatabaseLocation::Postgres(PostgresUrl::parse(&url).expect("test database URL")),
+        ]
+    }
+
+    /// Opens (or reopens) a test database.
+    pub(crate) async fn open(location: &DatabaseLocation) -> Store {
+        crate::gateway::open_store(location)
+            .await
+            .unwrap_or_else(|e| panic!("opening {location}: {e}"))
+    }
 }
 
 #[cfg(test)]
@@ -458,7 +623,7 @@ mod tests {
         assert_eq!(store.runs().await.unwrap()[0].tenant, id);
         assert!(store.agents().await.unwrap().is_empty());
         let version: i64 = store
-            .call(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))
+            .call(|tx| tx.query_value("PRAGMA user_version", &[]))
             .await
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
@@ -467,8 +632,33 @@ mod tests {
     #[tokio::test]
     async fn a_fresh_database_has_no_tenants_until_the_gateway_creates_them() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("gw.db")).unwrap();
-        assert!(store.tenants().await.unwrap().is_empty());
-        assert_eq!(store.admin_generation().await.unwrap(), 0);
+        for location in testing::fresh_locations(dir.path(), "fresh").await {
+            let store = testing::open(&location).await;
+            assert!(store.tenants().await.unwrap().is_empty(), "{location}");
+            assert_eq!(store.admin_generation().await.unwrap(), 0, "{location}");
+            drop(store);
+            // Reopening finds the schema current and migrates nothing.
+            let store = testing::open(&location).await;
+            assert_eq!(store.admin_generation().await.unwrap(), 0, "{location}");
+        }
+    }
+
+    #[tokio::test]
+    async fn gateways_starting_together_on_one_postgres_migrate_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let [_, postgres] = testing::fresh_locations(dir.path(), "together").await;
+        let opens = (0..4).map(|_| testing::open(&postgres));
+        let stores = futures::future::join_all(opens).await;
+        let versions: Vec<i64> = stores[0]
+            .call(|tx| {
+                tx.query(
+                    "SELECT version FROM schema_migrations ORDER BY version",
+                    &[],
+                    |r| r.get(0),
+                )
+            })
+            .await
+            .unwrap();
+        assert_eq!(versions, vec![SCHEMA_VERSION]);
     }
 }

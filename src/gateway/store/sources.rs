@@ -1,10 +1,10 @@
 //! The `integration_sources` table (gateway.md §3). Credentials arrive here
 //! already sealed; status columns are written by ingestion and run reports.
 
-use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use super::db::{DbError, Row};
 use super::tenants::{bump_generation, conflict_or};
 use super::{Store, StoreError};
 use crate::clock::unix_secs;
@@ -96,7 +96,7 @@ fn json_column<T: serde::de::DeserializeOwned + Default>(text: String) -> T {
     serde_json::from_str(&text).unwrap_or_default()
 }
 
-fn source_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SourceRow> {
+fn source_row(r: &Row<'_, '_>) -> Result<SourceRow, DbError> {
     Ok(SourceRow {
         id: r.get(0)?,
         tenant: r.get(1)?,
@@ -108,7 +108,7 @@ fn source_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SourceRow> {
         partition: r.get(7)?,
         poll_interval: r.get(8)?,
         discovery_interval: r.get(9)?,
-        page_size: r.get::<_, Option<i64>>(10)?.map(|n| n as u32),
+        page_size: r.get::<Option<i64>>(10)?.map(|n| n as u32),
         queries: json_column(r.get(11)?),
         network_blacklist: json_column(r.get(12)?),
         settings: json_column(r.get(13)?),
@@ -118,9 +118,9 @@ fn source_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SourceRow> {
             status: r.get(16)?,
             last_run_id: r.get(17)?,
             last_sync_at: r.get(18)?,
-            last_device_count: r.get::<_, Option<i64>>(19)?.map(|n| n as u64),
+            last_device_count: r.get::<Option<i64>>(19)?.map(|n| n as u64),
             last_error: r.get(20)?,
-            consecutive_failures: r.get::<_, i64>(21)? as u32,
+            consecutive_failures: r.get::<i64>(21)? as u32,
         },
         created_at: r.get(22)?,
         updated_at: r.get(23)?,
@@ -136,12 +136,12 @@ impl Store {
     /// Sources of one tenant (all tenants with `None`), by tenant and name.
     pub async fn sources(&self, tenant: Option<&str>) -> Result<Vec<SourceRow>, StoreError> {
         let tenant = tenant.map(str::to_owned);
-        self.call(move |c| {
-            let mut stmt = c.prepare(&format!(
-                "{SOURCE_COLUMNS} WHERE ?1 IS NULL OR tenant = ?1 ORDER BY tenant, name"
-            ))?;
-            let rows = stmt.query_map([tenant], source_row)?;
-            rows.collect()
+        self.call(move |tx| {
+            tx.query(
+                &format!("{SOURCE_COLUMNS} WHERE CAST($1 AS TEXT) IS NULL OR tenant = $1 ORDER BY tenant, name"),
+                &[&tenant],
+                source_row,
+            )
         })
         .await
     }
@@ -157,13 +157,12 @@ impl Store {
             SourceRef::Id(id) => ("id", id.clone()),
             SourceRef::Name(name) => ("name", name.clone()),
         };
-        self.call(move |c| {
-            c.query_row(
-                &format!("{SOURCE_COLUMNS} WHERE tenant = ?1 AND {column} = ?2"),
-                [tenant, value],
+        self.call(move |tx| {
+            tx.query_opt(
+                &format!("{SOURCE_COLUMNS} WHERE tenant = $1 AND {column} = $2"),
+                &[&tenant, &value],
                 source_row,
             )
-            .optional()
         })
         .await
     }
@@ -175,12 +174,14 @@ impl Store {
         agent_id: &str,
     ) -> Result<Vec<SourceRow>, StoreError> {
         let (tenant, agent_id) = (tenant.to_owned(), agent_id.to_owned());
-        self.call(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "{SOURCE_COLUMNS} WHERE tenant = ?1 AND agent_id = ?2 AND enabled = 1 ORDER BY name"
-            ))?;
-            let rows = stmt.query_map([tenant, agent_id], source_row)?;
-            rows.collect()
+        self.call(move |tx| {
+            tx.query(
+                &format!(
+                    "{SOURCE_COLUMNS} WHERE tenant = $1 AND agent_id = $2 AND enabled ORDER BY name"
+                ),
+                &[&tenant, &agent_id],
+                source_row,
+            )
         })
         .await
     }
@@ -189,16 +190,13 @@ impl Store {
     /// one (same id); status columns are left as they are. A name taken in
     /// the tenant is [`StoreError::Conflict`].
     pub async fn save_source(&self, source: SourceRow) -> Result<(), StoreError> {
-        let store = self.clone();
-        self.call_mut(move |c| {
-            let sql = |e| store.sql(e);
-            let tx = c.transaction().map_err(sql)?;
+        self.call_mut(move |tx| {
             tx.execute(
                 "INSERT INTO integration_sources
                     (id, tenant, name, type, endpoint, enabled, agent_id, partition, poll_interval,
                      discovery_interval, page_size, queries, network_blacklist, settings,
                      credentials_sealed, credential_keys, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
                  ON CONFLICT (id) DO UPDATE SET
                     name = excluded.name, type = excluded.type, endpoint = excluded.endpoint,
                     enabled = excluded.enabled, agent_id = excluded.agent_id,
@@ -209,55 +207,48 @@ impl Store {
                     credentials_sealed = excluded.credentials_sealed,
                     credential_keys = excluded.credential_keys, updated_at = excluded.updated_at
                  WHERE integration_sources.tenant = excluded.tenant",
-                params![
-                    source.id,
-                    source.tenant,
-                    source.name,
-                    source.source_type,
-                    source.endpoint,
-                    source.enabled,
-                    source.agent_id,
-                    source.partition,
-                    source.poll_interval,
-                    source.discovery_interval,
-                    source.page_size.map(i64::from),
-                    to_json(&source.queries),
-                    to_json(&source.network_blacklist),
-                    to_json(&source.settings),
-                    source.credentials_sealed,
-                    to_json(&source.credential_keys),
-                    source.created_at,
-                    source.updated_at,
+                &[
+                    &source.id,
+                    &source.tenant,
+                    &source.name,
+                    &source.source_type,
+                    &source.endpoint,
+                    &source.enabled,
+                    &source.agent_id,
+                    &source.partition,
+                    &source.poll_interval,
+                    &source.discovery_interval,
+                    &source.page_size.map(i64::from),
+                    &to_json(&source.queries),
+                    &to_json(&source.network_blacklist),
+                    &to_json(&source.settings),
+                    &source.credentials_sealed,
+                    &to_json(&source.credential_keys),
+                    &source.created_at,
+                    &source.updated_at,
                 ],
             )
             .map_err(|e| {
-                conflict_or(&store, e, || {
+                conflict_or(e, || {
                     format!("the tenant already has a source named {:?}", source.name)
                 })
             })?;
-            bump_generation(&tx).map_err(sql)?;
-            tx.commit().map_err(sql)
+            Ok(bump_generation(tx)?)
         })
         .await
     }
 
     /// Deletes a tenant's source; `false` if there was none.
     pub async fn delete_source(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
-        let store = self.clone();
         let (tenant, id) = (tenant.to_owned(), id.to_owned());
-        self.call_mut(move |c| {
-            let sql = |e| store.sql(e);
-            let tx = c.transaction().map_err(sql)?;
-            let deleted = tx
-                .execute(
-                    "DELETE FROM integration_sources WHERE tenant = ?1 AND id = ?2",
-                    [tenant, id],
-                )
-                .map_err(sql)?;
+        self.call(move |tx| {
+            let deleted = tx.execute(
+                "DELETE FROM integration_sources WHERE tenant = $1 AND id = $2",
+                &[&tenant, &id],
+            )?;
             if deleted > 0 {
-                bump_generation(&tx).map_err(sql)?;
+                bump_generation(tx)?;
             }
-            tx.commit().map_err(sql)?;
             Ok(deleted > 0)
         })
         .await
@@ -278,30 +269,30 @@ impl Store {
             SourceRef::Name(name) => ("name", name.clone()),
         };
         let now = unix_secs();
-        self.call(move |c| {
-            let scope = format!("WHERE tenant = ?1 AND agent_id = ?2 AND {column} = ?3");
+        self.call(move |tx| {
+            let scope = format!("WHERE tenant = $1 AND agent_id = $2 AND {column} = $3");
             let changed = match update {
-                SourceStatusUpdate::Running { run_id } => c.execute(
+                SourceStatusUpdate::Running { run_id } => tx.execute(
                     &format!(
-                        "UPDATE integration_sources SET status = 'running', last_run_id = ?4 {scope}"
+                        "UPDATE integration_sources SET status = 'running', last_run_id = $4 {scope}"
                     ),
-                    params![tenant, agent_id, value, run_id],
+                    &[&tenant, &agent_id, &value, &run_id],
                 )?,
-                SourceStatusUpdate::Succeeded { run_id, devices } => c.execute(
+                SourceStatusUpdate::Succeeded { run_id, devices } => tx.execute(
                     &format!(
-                        "UPDATE integration_sources SET status = 'success', last_run_id = ?4,
-                            last_sync_at = ?5, last_device_count = ?6, last_error = NULL,
+                        "UPDATE integration_sources SET status = 'success', last_run_id = $4,
+                            last_sync_at = $5, last_device_count = $6, last_error = NULL,
                             consecutive_failures = 0 {scope}"
                     ),
-                    params![tenant, agent_id, value, run_id, now, devices as i64],
+                    &[&tenant, &agent_id, &value, &run_id, &now, &(devices as i64)],
                 )?,
-                SourceStatusUpdate::Failed { run_id, error } => c.execute(
+                SourceStatusUpdate::Failed { run_id, error } => tx.execute(
                     &format!(
-                        "UPDATE integration_sources SET status = 'failed', last_run_id = ?4,
-                            last_sync_at = ?5, last_error = ?6,
+                        "UPDATE integration_sources SET status = 'failed', last_run_id = $4,
+                            last_sync_at = $5, last_error = $6,
                             consecutive_failures = consecutive_failures + 1 {scope}"
                     ),
-                    params![tenant, agent_id, value, run_id, now, error],
+                    &[&tenant, &agent_id, &value, &run_id, &now, &error],
                 )?,
             };
             Ok(changed > 0)

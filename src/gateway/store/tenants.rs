@@ -4,8 +4,7 @@
 //! `admin_generation` in the same transaction: a running gateway compares it
 //! to notice changes made by the CLI in another process.
 
-use rusqlite::{params, Connection, OptionalExtension};
-
+use super::db::{DbError, Row, Tx};
 use super::{Store, StoreError};
 
 /// One tenant. `ca_key_sealed` is AEAD-sealed by the caller.
@@ -35,7 +34,7 @@ impl std::fmt::Debug for TenantRow {
 const TENANT_COLUMNS: &str =
     "SELECT id, slug, name, platform, ca_cert_pem, ca_key_sealed, created_at FROM tenants";
 
-fn tenant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TenantRow> {
+fn tenant_row(r: &Row<'_, '_>) -> Result<TenantRow, DbError> {
     Ok(TenantRow {
         id: r.get(0)?,
         slug: r.get(1)?,
@@ -49,94 +48,79 @@ fn tenant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TenantRow> {
 
 /// Increments the administrative change counter (inside the caller's
 /// transaction).
-pub(super) fn bump_generation(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute(
-        "UPDATE gateway_meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'admin_generation'",
-        [],
+pub(super) fn bump_generation(tx: &mut Tx<'_>) -> Result<(), DbError> {
+    tx.execute(
+        "UPDATE gateway_meta SET value = CAST(CAST(value AS BIGINT) + 1 AS TEXT)
+         WHERE key = 'admin_generation'",
+        &[],
     )
     .map(|_| ())
 }
 
 /// Maps a UNIQUE/PRIMARY KEY violation to [`StoreError::Conflict`].
-pub(super) fn conflict_or(
-    store: &Store,
-    e: rusqlite::Error,
-    what: impl FnOnce() -> String,
-) -> StoreError {
-    match &e {
-        rusqlite::Error::SqliteFailure(f, _)
-            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-        {
-            StoreError::Conflict(what())
-        }
-        _ => store.sql(e),
+pub(super) fn conflict_or(e: DbError, what: impl FnOnce() -> String) -> StoreError {
+    if e.is_unique_violation() {
+        StoreError::Conflict(what())
+    } else {
+        e.into()
     }
 }
 
 impl Store {
     /// Every tenant, platform tenant first, then by slug.
     pub async fn tenants(&self) -> Result<Vec<TenantRow>, StoreError> {
-        self.call(|c| {
-            let mut stmt = c.prepare(&format!("{TENANT_COLUMNS} ORDER BY platform DESC, slug"))?;
-            let rows = stmt.query_map([], tenant_row)?;
-            rows.collect()
+        self.call(|tx| {
+            tx.query(
+                &format!("{TENANT_COLUMNS} ORDER BY platform DESC, slug"),
+                &[],
+                tenant_row,
+            )
         })
         .await
     }
 
     pub async fn tenant_by_slug(&self, slug: &str) -> Result<Option<TenantRow>, StoreError> {
         let slug = slug.to_owned();
-        self.call(move |c| {
-            c.query_row(
-                &format!("{TENANT_COLUMNS} WHERE slug = ?1"),
-                [slug],
+        self.call(move |tx| {
+            tx.query_opt(
+                &format!("{TENANT_COLUMNS} WHERE slug = $1"),
+                &[&slug],
                 tenant_row,
             )
-            .optional()
         })
         .await
     }
 
     pub async fn platform_tenant(&self) -> Result<Option<TenantRow>, StoreError> {
-        self.call(|c| {
-            c.query_row(
-                &format!("{TENANT_COLUMNS} WHERE platform = 1"),
-                [],
-                tenant_row,
-            )
-            .optional()
-        })
-        .await
+        self.call(|tx| tx.query_opt(&format!("{TENANT_COLUMNS} WHERE platform"), &[], tenant_row))
+            .await
     }
 
     /// Adds a tenant; a taken id or slug is [`StoreError::Conflict`].
     pub async fn insert_tenant(&self, tenant: TenantRow) -> Result<(), StoreError> {
-        let store = self.clone();
-        self.call_mut(move |c| {
-            let tx = c.transaction().map_err(|e| store.sql(e))?;
+        self.call_mut(move |tx| {
             tx.execute(
                 "INSERT INTO tenants (id, slug, name, platform, ca_cert_pem, ca_key_sealed, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    tenant.id,
-                    tenant.slug,
-                    tenant.name,
-                    tenant.platform,
-                    tenant.ca_cert_pem,
-                    tenant.ca_key_sealed,
-                    tenant.created_at
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &tenant.id,
+                    &tenant.slug,
+                    &tenant.name,
+                    &tenant.platform,
+                    &tenant.ca_cert_pem,
+                    &tenant.ca_key_sealed,
+                    &tenant.created_at,
                 ],
             )
             .map_err(|e| {
-                conflict_or(&store, e, || {
+                conflict_or(e, || {
                     format!(
                         "a tenant with slug {:?} or id {} already exists",
                         tenant.slug, tenant.id
                     )
                 })
             })?;
-            bump_generation(&tx).map_err(|e| store.sql(e))?;
-            tx.commit().map_err(|e| store.sql(e))
+            Ok(bump_generation(tx)?)
         })
         .await
     }
@@ -149,42 +133,31 @@ impl Store {
         ca_cert_pem: String,
         ca_key_sealed: Vec<u8>,
     ) -> Result<Option<TenantRow>, StoreError> {
-        let store = self.clone();
         let tenant_id = tenant_id.to_owned();
-        self.call_mut(move |c| {
-            let sql = |e| store.sql(e);
-            let tx = c.transaction().map_err(sql)?;
-            let changed = tx
-                .execute(
-                    "UPDATE tenants SET ca_cert_pem = ?2, ca_key_sealed = ?3
-                     WHERE id = ?1 AND ca_cert_pem IS NULL",
-                    params![tenant_id, ca_cert_pem, ca_key_sealed],
-                )
-                .map_err(sql)?;
+        self.call(move |tx| {
+            let changed = tx.execute(
+                "UPDATE tenants SET ca_cert_pem = $2, ca_key_sealed = $3
+                 WHERE id = $1 AND ca_cert_pem IS NULL",
+                &[&tenant_id, &ca_cert_pem, &ca_key_sealed],
+            )?;
             if changed > 0 {
-                bump_generation(&tx).map_err(sql)?;
+                bump_generation(tx)?;
             }
-            let row = tx
-                .query_row(
-                    &format!("{TENANT_COLUMNS} WHERE id = ?1"),
-                    [&tenant_id],
-                    tenant_row,
-                )
-                .optional()
-                .map_err(sql)?;
-            tx.commit().map_err(sql)?;
-            Ok(row)
+            tx.query_opt(
+                &format!("{TENANT_COLUMNS} WHERE id = $1"),
+                &[&tenant_id],
+                tenant_row,
+            )
         })
         .await
     }
 
     /// The administrative change counter.
     pub async fn admin_generation(&self) -> Result<i64, StoreError> {
-        self.call(|c| {
-            c.query_row(
-                "SELECT CAST(value AS INTEGER) FROM gateway_meta WHERE key = 'admin_generation'",
-                [],
-                |r| r.get(0),
+        self.call(|tx| {
+            tx.query_value(
+                "SELECT CAST(value AS BIGINT) FROM gateway_meta WHERE key = 'admin_generation'",
+                &[],
             )
         })
         .await
@@ -194,16 +167,12 @@ impl Store {
     /// now stored.
     pub async fn meta_init(&self, key: &str, value: &str) -> Result<String, StoreError> {
         let (key, value) = (key.to_owned(), value.to_owned());
-        self.call(move |c| {
-            c.execute(
-                "INSERT OR IGNORE INTO gateway_meta (key, value) VALUES (?1, ?2)",
-                [&key, &value],
+        self.call(move |tx| {
+            tx.execute(
+                "INSERT INTO gateway_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+                &[&key, &value],
             )?;
-            c.query_row(
-                "SELECT value FROM gateway_meta WHERE key = ?1",
-                [key],
-                |r| r.get(0),
-            )
+            tx.query_value("SELECT value FROM gateway_meta WHERE key = $1", &[&key])
         })
         .await
     }
