@@ -133,6 +133,11 @@ pub enum DbError {
     Sqlite(#[from] rusqlite::Error),
     #[error("{}", postgres_message(.0))]
     Postgres(#[from] postgres::Error),
+    #[error("the connection to PostgreSQL was lost and could not be opened again")]
+    Lost,
+    /// A query expected to return one row returned none.
+    #[error("the query returned no row")]
+    NoRows,
 }
 
 /// postgres' own Display says only "db error": add the server's message.
@@ -152,13 +157,8 @@ impl DbError {
             }
             Self::Sqlite(_) => false,
             Self::Postgres(e) => e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION),
+            Self::Lost | Self::NoRows => false,
         }
-    }
-
-    /// The server was lost (PostgreSQL restart, network): the connection must
-    /// be opened again.
-    pub fn is_connection_lost(&self) -> bool {
-        matches!(self, Self::Postgres(e) if e.is_closed())
     }
 }
 
@@ -337,21 +337,25 @@ impl PgClient {
     /// The client, reconnecting first if the server went away since the last
     /// call (a PostgreSQL restart must not take the gateway down with it).
     pub fn client(&mut self) -> Result<&mut postgres::Client, DbError> {
-        let lost = self.client.as_ref().is_none_or(postgres::Client::is_closed);
-        if lost {
-            if let Some(old) = self.client.take() {
-                drop_elsewhere(old);
+        let client = match self.client.take() {
+            Some(client) if !client.is_closed() => client,
+            lost => {
+                if let Some(old) = lost {
+                    drop_elsewhere(old);
+                }
+                tracing::warn!(database = %self.url, "reconnecting to PostgreSQL");
+                postgres::Client::connect(self.url.expose_secret(), postgres::NoTls)?
             }
-            tracing::warn!(database = %self.url, "reconnecting to PostgreSQL");
-            self.client = Some(postgres::Client::connect(
-                self.url.expose_secret(),
-                postgres::NoTls,
-            )?);
-        }
-        // Just set when it was missing.
-        self.client
-            .as_mut()
-            .ok_or(DbError::Sqlite(rusqlite::Error::InvalidQuery))
+        };
+        Ok(self.client.insert(client))
+    }
+}
+
+impl PgClient {
+    /// The server closed the connection (the next [`PgClient::client`]
+    /// opens a new one).
+    pub fn client_is_closed(&self) -> bool {
+        self.client.as_ref().is_none_or(postgres::Client::is_closed)
     }
 }
 

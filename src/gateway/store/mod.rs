@@ -243,11 +243,27 @@ impl Store {
             }
             Backend::Postgres(client) => {
                 let mut client = lock(client);
-                let client = client.client().map_err(err)?;
-                let mut tx = Tx::Postgres(client.transaction().map_err(|e| err(e.into()))?);
-                let value = f(&mut tx).map_err(|e| self.locate(e))?;
-                tx.commit().map_err(err)?;
-                Ok(value)
+                let mut f = Some(f);
+                // A connection the server closed since the last call (a
+                // PostgreSQL restart, an idle timeout) shows when BEGIN
+                // fails; `client()` then connects afresh for the retry.
+                for retry in [false, true] {
+                    let conn = client.client().map_err(err)?;
+                    let failed = match conn.transaction() {
+                        Ok(begun) => {
+                            let Some(f) = f.take() else { break };
+                            let mut tx = Tx::Postgres(begun);
+                            let value = f(&mut tx).map_err(|e| self.locate(e))?;
+                            tx.commit().map_err(err)?;
+                            return Ok(value);
+                        }
+                        Err(e) => e,
+                    };
+                    if retry || !client.client_is_closed() {
+                        return Err(err(failed.into()));
+                    }
+                }
+                Err(self.db_error(DbError::Lost))
             }
         }
     }
@@ -641,6 +657,27 @@ mod tests {
             let store = testing::open(&location).await;
             assert_eq!(store.admin_generation().await.unwrap(), 0, "{location}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_postgres_connection_closed_by_the_server_is_opened_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let [_, postgres] = testing::fresh_locations(dir.path(), "reconnect").await;
+        let store = testing::open(&postgres).await;
+        assert_eq!(store.admin_generation().await.unwrap(), 0);
+        // What a server restart or an administrator does to the session.
+        let killed = store
+            .call(|tx| {
+                tx.query(
+                    "SELECT pg_terminate_backend(pg_backend_pid())",
+                    &[],
+                    |r| r.get::<bool>(0),
+                )
+            })
+            .await;
+        assert!(killed.is_err(), "the session survived: {killed:?}");
+        assert_eq!(store.admin_generation().await.unwrap(), 0);
+        assert!(store.tenants().await.unwrap().is_empty());
     }
 
     #[tokio::test]
