@@ -7,10 +7,9 @@ mod backend_support;
 
 use backend_support::Backend;
 use serde_json::{json, Map, Value};
-use serviceradar_agent::device::UpdateContext;
+use serviceradar_agent::bench::dire::faker_sightings;
 use serviceradar_agent::gateway::dire::{CanonicalDevice, IdKind, Identifier, Sighting};
 use serviceradar_agent::gateway::store::{DeviceFilter, Store};
-use serviceradar_agent::sources::armis::mapping::{map_device_owned, Mapped};
 use serviceradar_agent::sources::faker::{FakerGenerator, FakerSettings};
 
 async fn store(backend: Backend) -> (tempfile::TempDir, Store) {
@@ -59,21 +58,9 @@ async fn run(store: &Store, tenant: &str, run_id: &str, sightings: Vec<Sighting>
 
 /// One Faker run as the agent would send it, as sightings.
 fn faker_run(generator: &FakerGenerator) -> Vec<Sighting> {
-    let ctx = UpdateContext {
-        agent_id: "edge-1".into(),
-        gateway_id: "gw".into(),
-        partition: "default".into(),
-        source: "faker",
-        timestamp: "2026-01-01T00:00:00Z".into(),
-    };
-    generator
-        .devices()
-        .filter_map(
-            |device| match map_device_owned(device, &ctx, "faker", None, &[]) {
-                Mapped::Update(update) => Some(Sighting::from_update(&update)),
-                _ => None,
-            },
-        )
+    faker_sightings(generator)
+        .into_iter()
+        .map(|(_, sighting)| sighting)
         .collect()
 }
 

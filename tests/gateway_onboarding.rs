@@ -5,45 +5,14 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
-use common::process::{lines, wait_line, Running, BIN};
+use common::process::{fails, ok, start_gateway, wait_line, Running, BIN};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
 use serviceradar_agent::config::bootstrap::{Bootstrap, Security};
 use x509_parser::prelude::{FromDer, X509Certificate};
-
-fn run(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = run(dir, args);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{args:?} failed:\n{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn fails(dir: &Path, args: &[&str]) -> String {
-    let out = run(dir, args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "{args:?} succeeded:\n{stderr}");
-    stderr
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_else(|| panic!("{args:?}: no `error:` line in\n{stderr}"))
-        .to_owned()
-}
 
 /// `certs/` from `serviceradar-agent certs` and a gateway config whose
 /// onboarding CA is the dev CA.
@@ -93,22 +62,8 @@ fn an_onboarded_agent_connects_from_its_bundle_and_runs_a_cli_added_source() {
     let dir = tmp.path();
     setup(dir, json!({"ca_key_file": "certs/ca-key.pem"}));
 
-    let mut gateway = Running(
-        Command::new(BIN)
-            .args(gw(&[]))
-            .current_dir(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let gw_lines = lines(&mut gateway.0);
-    let addr = wait_line(&gw_lines, "gateway listening", |l| {
-        l.starts_with("gateway listening on ")
-    })
-    .trim_start_matches("gateway listening on ")
-    .trim()
-    .to_owned();
+    let gateway = start_gateway(dir, &["--config", "gateway.json"]);
+    let (gw_lines, addr) = (&gateway.lines, gateway.addr.clone());
 
     // The CLI works against the running gateway's database.
     ok(dir, &gw(&["tenant", "add", "acme", "--name", "Acme Corp"]));
@@ -201,7 +156,7 @@ fn an_onboarded_agent_connects_from_its_bundle_and_runs_a_cli_added_source() {
             .spawn()
             .unwrap(),
     );
-    wait_line(&gw_lines, "enrolment of edge-7", |l| {
+    wait_line(gw_lines, "enrolment of edge-7", |l| {
         l == "agent enrolled tenant=acme agent=edge-7 partition=site-b"
     });
     let agents = ok(dir, &gw(&["agent", "list", "--tenant", "acme"]));
@@ -230,7 +185,7 @@ fn an_onboarded_agent_connects_from_its_bundle_and_runs_a_cli_added_source() {
             "1h",
         ]),
     );
-    let done = wait_line(&gw_lines, "run complete", |l| {
+    let done = wait_line(gw_lines, "run complete", |l| {
         l.starts_with("run complete agent=edge-7 ")
     });
     assert!(done.ends_with(" devices=2000"), "{done}");

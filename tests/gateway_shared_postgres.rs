@@ -12,29 +12,13 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use backend_support::{config_entry, Backend};
-use common::process::{lines, wait_line, Running, BIN};
+use common::process::{ok, start_gateway, wait_line, Running, BIN};
 use serde_json::json;
 use serviceradar_agent::gateway::dire::IdKind;
 use serviceradar_agent::gateway::store::DeviceFilter;
 use serviceradar_agent::gateway::DatabaseLocation;
 
 const DEVICES: u64 = 20_000;
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{args:?} failed:\n{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
 
 /// A gateway config on the shared database, with `agent`'s Faker source
 /// pinned in it (both gateways give their agent the same devices).
@@ -54,27 +38,6 @@ fn gateway_config(dir: &Path, name: &str, database: &DatabaseLocation, agent: &s
     });
     config[key] = value;
     std::fs::write(dir.join(format!("{name}.json")), config.to_string()).unwrap();
-}
-
-fn start_gateway(dir: &Path, name: &str) -> (Running, std::sync::mpsc::Receiver<String>, String) {
-    let mut gateway = Running(
-        Command::new(BIN)
-            .args(["gateway", "--config", &format!("{name}.json")])
-            .current_dir(dir)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let out = lines(&mut gateway.0);
-    let addr = wait_line(&out, "gateway listening", |l| {
-        l.starts_with("gateway listening on ")
-    })
-    .trim_start_matches("gateway listening on ")
-    .trim()
-    .to_owned();
-    (gateway, out, addr)
 }
 
 fn start_agent(dir: &Path, agent: &str, addr: &str) -> Running {
@@ -124,14 +87,14 @@ async fn two_gateways_on_one_postgres_keep_one_device_per_identity() {
     gateway_config(dir, "gw-1", &database, "edge-a");
     gateway_config(dir, "gw-2", &database, "edge-b");
 
-    let (_gw1, gw1_lines, addr1) = start_gateway(dir, "gw-1");
-    let (_gw2, gw2_lines, addr2) = start_gateway(dir, "gw-2");
-    let _edge_a = start_agent(dir, "edge-a", &addr1);
-    let _edge_b = start_agent(dir, "edge-b", &addr2);
+    let gw1 = start_gateway(dir, &["--config", "gw-1.json"]);
+    let gw2 = start_gateway(dir, &["--config", "gw-2.json"]);
+    let _edge_a = start_agent(dir, "edge-a", &gw1.addr);
+    let _edge_b = start_agent(dir, "edge-b", &gw2.addr);
 
     // Two rounds: the pristine inventory, then one where devices moved IPs.
     for round in 1..=2 {
-        for (lines, agent) in [(&gw1_lines, "edge-a"), (&gw2_lines, "edge-b")] {
+        for (lines, agent) in [(&gw1.lines, "edge-a"), (&gw2.lines, "edge-b")] {
             let done = wait_line(lines, &format!("{agent} run {round}"), |l| {
                 l.starts_with(&format!("run complete agent={agent} "))
             });

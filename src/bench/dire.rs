@@ -46,7 +46,10 @@ pub struct DireMeasurement {
     pub canonical_devices: u64,
 }
 
-fn sightings(generator: &FakerGenerator) -> Vec<(String, Sighting)> {
+/// The current run of `generator` as the gateway's DIRE sees it: Faker
+/// devices mapped as the agent maps them, in partition `default` (also what
+/// the DIRE tests reconcile).
+pub fn faker_sightings(generator: &FakerGenerator) -> Vec<(String, Sighting)> {
     let ctx = UpdateContext {
         agent_id: "bench-agent".into(),
         gateway_id: "bench-gateway".into(),
@@ -92,13 +95,13 @@ async fn measure(args: &DireBenchArgs, devices: u64) -> anyhow::Result<DireMeasu
         churn_percent: args.churn_percent,
     });
     generator.next_run();
-    let first = sightings(&generator);
+    let first = faker_sightings(&generator);
     let started = Instant::now();
     store.reconcile_run("bench", "run-1", first, 1).await?;
     let first_sync_seconds = started.elapsed().as_secs_f64();
 
     generator.next_run();
-    let second = sightings(&generator);
+    let second = faker_sightings(&generator);
     let started = Instant::now();
     store.reconcile_run("bench", "run-2", second, 2).await?;
     let resync_seconds = started.elapsed().as_secs_f64();
