@@ -40,6 +40,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use postgres::{Row, Statement, Transaction};
 use serde_json::Value;
 
+// The JSON encodings of the columns and of audited devices are the store's,
+// whatever the backend.
+use super::canonical::{to_json, with_identifiers};
 use crate::gateway::dire::reconcile::{
     self, metadata_map, DeviceIndex, MergeRecord, Outcome, Scope,
 };
@@ -1194,16 +1197,6 @@ fn device_from_row(r: &Row, at: usize) -> Result<CanonicalDevice, postgres::Erro
     })
 }
 
-fn to_json(value: &impl serde::Serialize) -> String {
-    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
-}
-
-/// Devices are serialised with their identifiers for the audit trail, via a
-/// `Value` exactly as the SQLite store does (same text, keys sorted).
-fn with_identifiers(device: &CanonicalDevice) -> Value {
-    serde_json::to_value(device).unwrap_or(Value::Null)
-}
-
 #[cfg(test)]
 mod tests {
     //! The blocking client must not live inside a tokio runtime: these are
@@ -1214,10 +1207,11 @@ mod tests {
     use postgres::{Client, NoTls};
     use serde_json::{json, Map};
 
+    use super::super::db::Tx;
+    use super::super::staging::reconcile_row_by_row;
     use super::*;
-    use crate::device::UpdateContext;
+    use crate::bench::dire::faker_sightings;
     use crate::gateway::dire::identifiers_of;
-    use crate::sources::armis::mapping::{map_device_owned, Mapped};
     use crate::sources::faker::{FakerGenerator, FakerSettings};
 
     /// A fresh database with the PostgreSQL schema.
@@ -1229,149 +1223,6 @@ mod tests {
             .batch_execute(super::super::pg_schema::PG_SCHEMA_V4)
             .unwrap();
         (url, client)
-    }
-
-    /// The row-at-a-time index the overlay must match: the SQLite index's
-    /// statements, one query per call.
-    struct RowIndex<'a, 't> {
-        tx: &'a mut Transaction<'t>,
-    }
-
-    impl DeviceIndex for RowIndex<'_, '_> {
-        type Error = postgres::Error;
-
-        fn holder(
-            &mut self,
-            scope: Scope<'_>,
-            id: &Identifier,
-        ) -> Result<Option<String>, postgres::Error> {
-            let row = self.tx.query_opt(
-                "SELECT device_id FROM device_identifiers
-                 WHERE tenant = $1 AND partition = $2 AND kind = $3 AND value = $4",
-                &[
-                    &scope.tenant,
-                    &scope.partition,
-                    &id.kind.as_str(),
-                    &id.value,
-                ],
-            )?;
-            row.map(|r| r.try_get(0)).transpose()
-        }
-
-        fn holder_of_ip(
-            &mut self,
-            scope: Scope<'_>,
-            ip: &str,
-        ) -> Result<Option<String>, postgres::Error> {
-            let row = self.tx.query_opt(
-                "SELECT id FROM canonical_devices WHERE tenant = $1 AND partition = $2 AND ip = $3",
-                &[&scope.tenant, &scope.partition, &ip],
-            )?;
-            row.map(|r| r.try_get(0)).transpose()
-        }
-
-        fn load(
-            &mut self,
-            _scope: Scope<'_>,
-            device: &str,
-        ) -> Result<Option<CanonicalDevice>, postgres::Error> {
-            let row = self.tx.query_opt(
-                &format!("SELECT {DEVICE_COLUMNS} FROM canonical_devices WHERE id = $1"),
-                &[&device],
-            )?;
-            row.as_ref().map(|r| device_from_row(r, 0)).transpose()
-        }
-
-        fn release_ip(
-            &mut self,
-            scope: Scope<'_>,
-            ip: &str,
-            keeper: &str,
-        ) -> Result<(), postgres::Error> {
-            self.tx.execute(
-                "UPDATE canonical_devices SET ip = NULL
-                 WHERE tenant = $1 AND partition = $2 AND ip = $3 AND id <> $4",
-                &[&scope.tenant, &scope.partition, &ip, &keeper],
-            )?;
-            Ok(())
-        }
-
-        fn store(&mut self, d: &CanonicalDevice) -> Result<(), postgres::Error> {
-            self.tx.execute(
-                "INSERT INTO canonical_devices (id, tenant, partition, ip, mac, hostname, sources,
-                     metadata, first_seen, last_seen, last_run_id, merged_into, identifiers)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-                 ON CONFLICT (id) DO UPDATE SET ip = excluded.ip, mac = excluded.mac,
-                     hostname = excluded.hostname, sources = excluded.sources,
-                     metadata = excluded.metadata, first_seen = excluded.first_seen,
-                     last_seen = excluded.last_seen, last_run_id = excluded.last_run_id,
-                     merged_into = excluded.merged_into, identifiers = excluded.identifiers",
-                &[
-                    &d.id,
-                    &d.tenant,
-                    &d.partition,
-                    &d.ip,
-                    &d.mac,
-                    &d.hostname,
-                    &to_json(&d.sources),
-                    &to_json(&d.metadata),
-                    &d.first_seen,
-                    &d.last_seen,
-                    &d.last_run_id,
-                    &d.merged_into,
-                    &to_json(&d.identifiers),
-                ],
-            )?;
-            Ok(())
-        }
-
-        fn touch(
-            &mut self,
-            device: &str,
-            last_seen: i64,
-            run_id: &str,
-        ) -> Result<(), postgres::Error> {
-            self.tx.execute(
-                "UPDATE canonical_devices SET last_seen = $2, last_run_id = $3 WHERE id = $1",
-                &[&device, &last_seen, &run_id],
-            )?;
-            Ok(())
-        }
-
-        fn attach(
-            &mut self,
-            scope: Scope<'_>,
-            id: &Identifier,
-            device: &str,
-        ) -> Result<(), postgres::Error> {
-            self.tx.execute(
-                "INSERT INTO device_identifiers (tenant, partition, kind, value, device_id)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (tenant, partition, kind, value) DO UPDATE SET device_id = excluded.device_id",
-                &[&scope.tenant, &scope.partition, &id.kind.as_str(), &id.value, &device],
-            )?;
-            Ok(())
-        }
-
-        fn record_merge(&mut self, m: &MergeRecord) -> Result<(), postgres::Error> {
-            self.tx.execute(
-                "INSERT INTO device_merges (tenant, partition, from_device, into_device, reason,
-                     identifiers, from_before, into_before, merged_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                &[
-                    &m.tenant,
-                    &m.partition,
-                    &m.from,
-                    &m.into,
-                    &m.reason,
-                    &to_json(&m.identifiers),
-                    &to_json(&with_identifiers(&m.from_before)),
-                    &to_json(&with_identifiers(&m.into_before)),
-                    &m.at,
-                ],
-            )?;
-            Ok(())
-        }
     }
 
     /// One run of the generated scenario.
@@ -1534,46 +1385,43 @@ mod tests {
         Batched { size: usize, prefetch: bool },
     }
 
-    fn apply(runs: &[Run], mode: Mode) -> (Vec<Outcome>, Dump) {
+    /// Runs `setup` (SQL) on a fresh database, then reconciles `runs`.
+    fn apply(setup: &str, runs: &[Run], mode: Mode) -> (Vec<Outcome>, Dump) {
         let (_, mut client) = database("pg_dire_modes");
+        client.batch_execute(setup).unwrap();
         let mut outcomes = Vec::new();
         for run in runs {
             let mut tx = client.transaction().unwrap();
             let outcome = match mode {
+                // The store's row-at-a-time path (SQLite's), on PostgreSQL.
                 Mode::RowAtATime => {
-                    let mut sightings = run.sightings.clone();
-                    reconcile::order(&mut sightings);
-                    let mut index = RowIndex { tx: &mut tx };
-                    let mut outcome = Outcome::default();
-                    for (partition, s) in sightings {
-                        let scope = Scope {
-                            tenant: run.tenant,
-                            partition: &partition,
-                        };
-                        reconcile::reconcile(
-                            &mut index,
-                            scope,
-                            s,
-                            &run.run_id,
-                            run.now,
-                            &mut outcome,
-                        )
-                        .unwrap();
-                    }
+                    let mut tx = Tx::Postgres(tx);
+                    let outcome = reconcile_row_by_row(
+                        &mut tx,
+                        run.tenant,
+                        &run.run_id,
+                        run.sightings.clone(),
+                        run.now,
+                    )
+                    .unwrap();
+                    tx.commit().unwrap();
                     outcome
                 }
-                Mode::Batched { size, prefetch } => reconcile_run_with(
-                    &mut tx,
-                    run.tenant,
-                    &run.run_id,
-                    run.sightings.clone(),
-                    run.now,
-                    size,
-                    prefetch,
-                )
-                .unwrap(),
+                Mode::Batched { size, prefetch } => {
+                    let outcome = reconcile_run_with(
+                        &mut tx,
+                        run.tenant,
+                        &run.run_id,
+                        run.sightings.clone(),
+                        run.now,
+                        size,
+                        prefetch,
+                    )
+                    .unwrap();
+                    tx.commit().unwrap();
+                    outcome
+                }
             };
-            tx.commit().unwrap();
             outcomes.push(outcome);
         }
         (outcomes, dump(&mut client))
@@ -1595,7 +1443,7 @@ mod tests {
     #[test]
     fn batch_size_never_changes_the_outcome() {
         let runs = scenario(7);
-        let (expected_outcomes, expected) = apply(&runs, Mode::RowAtATime);
+        let (expected_outcomes, expected) = apply("", &runs, Mode::RowAtATime);
         // The scenario must exercise what it claims to.
         let merged: u64 = expected_outcomes.iter().map(|o| o.merged).sum();
         assert!(merged >= 5, "only {merged} merges: {expected_outcomes:?}");
@@ -1637,7 +1485,7 @@ mod tests {
                 prefetch: false,
             },
         ] {
-            let (outcomes, got) = apply(&runs, mode);
+            let (outcomes, got) = apply("", &runs, mode);
             assert_eq!(outcomes, expected_outcomes, "{mode:?}");
             assert_same(
                 &format!("devices ({mode:?})"),
@@ -1653,26 +1501,60 @@ mod tests {
         }
     }
 
-    /// One Faker run as the agent would send it, as sightings.
-    fn faker_run(generator: &FakerGenerator) -> Vec<(String, Sighting)> {
-        let ctx = UpdateContext {
-            agent_id: "edge-1".into(),
-            gateway_id: "gw".into(),
-            partition: "default".into(),
-            source: "faker",
-            timestamp: "2026-01-01T00:00:00Z".into(),
-        };
-        generator
-            .devices()
-            .filter_map(
-                |device| match map_device_owned(device, &ctx, "faker", None, &[]) {
-                    Mapped::Update(update) => {
-                        Some(("default".to_owned(), Sighting::from_update(&update)))
-                    }
-                    _ => None,
-                },
-            )
-            .collect()
+    /// A device's id can be reused by a new device while its row still
+    /// holds an IP (here: rows left without their identifier). Such a row
+    /// may be written without having been read; another new device taking
+    /// its IP in the same flush must not collide with it.
+    #[test]
+    fn a_reused_id_lets_go_of_its_old_ip() {
+        let mut setup = String::new();
+        let mut sightings = Vec::new();
+        for i in 0..40 {
+            let reused = Identifier::new(IdKind::Armis, format!("A{i}"));
+            let id = crate::gateway::dire::canonical_id("t1", "default", Some(&reused), "");
+            setup.push_str(&format!(
+                "INSERT INTO canonical_devices (id, tenant, partition, ip, sources, metadata,
+                     first_seen, last_seen, last_run_id, identifiers)
+                 VALUES ('{id}', 't1', 'default', '10.9.0.{i}', '[]', '{{}}', 1, 1, 'old', '[]');"
+            ));
+            let armis = |value: String, ip: String| {
+                sighting(
+                    json!({"armis_device_id": value}),
+                    Some(ip),
+                    None,
+                    None,
+                    "armis",
+                )
+            };
+            sightings.push((
+                "default".to_owned(),
+                armis(format!("A{i}"), format!("10.8.0.{i}")),
+            ));
+            sightings.push((
+                "default".to_owned(),
+                armis(format!("B{i}"), format!("10.9.0.{i}")),
+            ));
+        }
+        let runs = [Run {
+            tenant: "t1",
+            run_id: "r".to_owned(),
+            now: 10,
+            sightings,
+        }];
+        let (expected_outcomes, expected) = apply(&setup, &runs, Mode::RowAtATime);
+        // Without the prefetch, the old row is first read (by the lookup
+        // of its IP) after its id was written.
+        for (size, prefetch) in [
+            (1, true),
+            (7, true),
+            (BATCH_SIZE, true),
+            (BATCH_SIZE, false),
+        ] {
+            let mode = Mode::Batched { size, prefetch };
+            let (outcomes, got) = apply(&setup, &runs, mode);
+            assert_eq!(outcomes, expected_outcomes, "{mode:?}");
+            assert_eq!(got, expected, "{mode:?}");
+        }
     }
 
     fn live_devices(client: &mut Client, tenant: &str) -> i64 {
@@ -1711,14 +1593,14 @@ mod tests {
             churn_percent: 5.0,
         });
         generator.next_run();
-        let first = faker_run(&generator);
+        let first = faker_sightings(&generator);
         assert_eq!(first.len() as u64, DEVICES);
         let (outcome, first_rate) = timed_run(&mut client, "t1", "run-1", first, 1);
         assert_eq!(outcome.created, DEVICES);
         assert_eq!(live_devices(&mut client, "t1"), DEVICES as i64);
 
         generator.next_run();
-        let second = faker_run(&generator);
+        let second = faker_sightings(&generator);
         let (outcome, resync_rate) = timed_run(&mut client, "t1", "run-2", second, 2);
         assert_eq!(
             (outcome.created, outcome.updated, outcome.merged),
@@ -1751,9 +1633,9 @@ mod tests {
             churn_percent: 20.0,
         });
         generator.next_run();
-        let first = faker_run(&generator);
+        let first = faker_sightings(&generator);
         generator.next_run();
-        let second = faker_run(&generator);
+        let second = faker_sightings(&generator);
         // Two gateways, the same new devices at the same time: without the
         // lock, both would create the same rows.
         let workers: Vec<_> = [("run-a", first), ("run-b", second)]
@@ -1796,7 +1678,7 @@ mod tests {
         // The first flush fails while the second batch is being
         // reconciled: an error, neither a hang nor a panic.
         let mut tx = client.transaction().unwrap();
-        let error = reconcile_run(&mut tx, "t1", "r", faker_run(&generator), 1, 100).unwrap_err();
+        let error = reconcile_run(&mut tx, "t1", "r", faker_sightings(&generator), 1, 100).unwrap_err();
         assert!(format!("{error:?}").contains("refused"), "{error:?}");
     }
 

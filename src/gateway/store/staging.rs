@@ -484,7 +484,7 @@ pub(super) fn reconcile_run(
     tx: &mut Tx<'_>,
     tenant: &str,
     run_id: &str,
-    mut sightings: Vec<(String, Sighting)>,
+    sightings: Vec<(String, Sighting)>,
     now: i64,
 ) -> Result<Outcome, DbError> {
     if let Some(pg) = tx.postgres() {
@@ -497,6 +497,18 @@ pub(super) fn reconcile_run(
             super::pg_dire::BATCH_SIZE,
         )?);
     }
+    reconcile_row_by_row(tx, tenant, run_id, sightings, now)
+}
+
+/// Row by row through [`SqlIndex`], on either backend: SQLite's way, and
+/// the reference PostgreSQL's batches are tested against.
+pub(super) fn reconcile_row_by_row(
+    tx: &mut Tx<'_>,
+    tenant: &str,
+    run_id: &str,
+    mut sightings: Vec<(String, Sighting)>,
+    now: i64,
+) -> Result<Outcome, DbError> {
     let mut outcome = Outcome::default();
     reconcile::order(&mut sightings);
     let mut index = SqlIndex { tx };
