@@ -12,7 +12,6 @@ mod backend_support;
 mod gateway_support;
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::process::Output;
 
 use admin_cli_support::AdminCli;
@@ -468,10 +467,6 @@ impl Cli {
         Self {
             cli: AdminCli::on(backend).await,
         }
-    }
-
-    fn path(&self) -> &Path {
-        self.cli.path()
     }
 
     fn run(&self, args: &[&str]) -> Output {

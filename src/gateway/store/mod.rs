@@ -118,7 +118,8 @@ struct Inner {
 /// SQLite's single writer would make them anyway.
 enum Backend {
     Sqlite(Mutex<Connection>),
-    Postgres(Mutex<PgClient>),
+    // Boxed: the client is three times the size of a SQLite connection.
+    Postgres(Box<Mutex<PgClient>>),
 }
 
 impl std::fmt::Debug for Store {
@@ -169,7 +170,7 @@ impl Store {
                 Backend::Sqlite(Mutex::new(conn))
             }
             DatabaseLocation::Postgres(url) => {
-                Backend::Postgres(Mutex::new(PgClient::connect(url).map_err(err)?))
+                Backend::Postgres(Box::new(Mutex::new(PgClient::connect(url).map_err(err)?)))
             }
         };
         let store = Self {
@@ -543,7 +544,7 @@ impl Store {
 }
 
 /// The advisory lock key of schema migrations ("sr-migr").
-const MIGRATION_LOCK: i64 = 0x7372_2d6d_6967_72;
+const MIGRATION_LOCK: i64 = 0x0073_722d_6d69_6772;
 
 /// Rows from before tenants existed belong to the default tenant: create it
 /// (slug `default`, a fresh id) if any such row exists, and point them at it.
@@ -668,11 +669,9 @@ mod tests {
         // What a server restart or an administrator does to the session.
         let killed = store
             .call(|tx| {
-                tx.query(
-                    "SELECT pg_terminate_backend(pg_backend_pid())",
-                    &[],
-                    |r| r.get::<bool>(0),
-                )
+                tx.query("SELECT pg_terminate_backend(pg_backend_pid())", &[], |r| {
+                    r.get::<bool>(0)
+                })
             })
             .await;
         assert!(killed.is_err(), "the session survived: {killed:?}");

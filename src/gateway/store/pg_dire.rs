@@ -927,31 +927,23 @@ impl FlushSet {
                 &[&light.ids, &light.ips, &light.last_seen, &light.runs],
             )?;
         }
-        let ids = &self.new_identifiers;
-        if !ids.holders.is_empty() {
-            tx.execute(
-                &statements.insert_identifiers,
-                &[
-                    &self.tenant,
-                    &ids.partitions,
-                    &ids.kinds,
-                    &ids.values,
-                    &ids.holders,
-                ],
-            )?;
-        }
-        let ids = &self.identifiers;
-        if !ids.holders.is_empty() {
-            tx.execute(
-                &statements.upsert_identifiers,
-                &[
-                    &self.tenant,
-                    &ids.partitions,
-                    &ids.kinds,
-                    &ids.values,
-                    &ids.holders,
-                ],
-            )?;
+        // Identifiers new to the scope (plain INSERT), then moved ones.
+        for (ids, statement) in [
+            (&self.new_identifiers, &statements.insert_identifiers),
+            (&self.identifiers, &statements.upsert_identifiers),
+        ] {
+            if !ids.holders.is_empty() {
+                tx.execute(
+                    statement,
+                    &[
+                        &self.tenant,
+                        &ids.partitions,
+                        &ids.kinds,
+                        &ids.values,
+                        &ids.holders,
+                    ],
+                )?;
+            }
         }
         if !self.merges.is_empty() {
             let text = |field: fn(&MergeRow) -> &String| -> Vec<&str> {
@@ -1678,7 +1670,8 @@ mod tests {
         // The first flush fails while the second batch is being
         // reconciled: an error, neither a hang nor a panic.
         let mut tx = client.transaction().unwrap();
-        let error = reconcile_run(&mut tx, "t1", "r", faker_sightings(&generator), 1, 100).unwrap_err();
+        let error =
+            reconcile_run(&mut tx, "t1", "r", faker_sightings(&generator), 1, 100).unwrap_err();
         assert!(format!("{error:?}").contains("refused"), "{error:?}");
     }
 
