@@ -40,7 +40,7 @@ pub(crate) use staging::{CompletedRun, Staged, StreamOwner};
 pub use staging::{DeviceRow, RunRow};
 pub use tenants::TenantRow;
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE staged_chunks (
@@ -466,6 +466,11 @@ CREATE TABLE device_merges (
 CREATE INDEX device_merges_by_into ON device_merges (into_device, id);
 ";
 
+/// Version 5: nothing looks identifiers up by device (each device row
+/// carries a JSON copy of its identifiers), so that index only slowed every
+/// write of a run.
+const SCHEMA_V5: &str = "DROP INDEX device_identifiers_by_device;";
+
 /// The tenant value of rows written before tenants existed.
 const LEGACY_TENANT: &str = "default";
 
@@ -473,7 +478,7 @@ impl Store {
     /// Brings the schema to [`SCHEMA_VERSION`], one transaction per step.
     /// SQLite counts in `PRAGMA user_version` (0 → 1 creates the schema,
     /// 1 → 2 adds the agent registry, 2 → 3 tenants and sources, 3 → 4
-    /// DIRE); PostgreSQL in `schema_migrations`, under an advisory lock so
+    /// DIRE, 4 → 5 drops an unused index); PostgreSQL in `schema_migrations`, under an advisory lock so
     /// that gateways starting together migrate once.
     fn migrate(&self) -> Result<(), StoreError> {
         let sqlite = matches!(self.inner.backend, Backend::Sqlite(_));
@@ -506,6 +511,7 @@ impl Store {
                 (2, SCHEMA_V2),
                 (3, SCHEMA_V3),
                 (4, SCHEMA_V4),
+                (5, SCHEMA_V5),
             ]
         } else {
             pg_schema::PG_MIGRATIONS
@@ -695,6 +701,8 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(versions, vec![SCHEMA_VERSION]);
+        let steps: Vec<i64> = pg_schema::PG_MIGRATIONS.iter().map(|(v, _)| *v).collect();
+        assert_eq!(versions, steps);
+        assert_eq!(versions.last(), Some(&SCHEMA_VERSION));
     }
 }

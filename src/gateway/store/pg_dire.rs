@@ -1211,9 +1211,9 @@ mod tests {
         let url = super::super::throwaway::fresh_database(prefix)
             .unwrap_or_else(|e| panic!("no PostgreSQL for the test: {e}"));
         let mut client = Client::connect(&url, NoTls).unwrap();
-        client
-            .batch_execute(super::super::pg_schema::PG_SCHEMA_V4)
-            .unwrap();
+        for (_, step) in super::super::pg_schema::PG_MIGRATIONS {
+            client.batch_execute(step).unwrap();
+        }
         (url, client)
     }
 
