@@ -15,7 +15,7 @@ mod admin_cli_support;
 mod backend_support;
 mod gateway_support;
 
-use admin_cli_support::AdminCli;
+use admin_cli_support::{expect_failure, expect_success, AdminCli};
 use backend_support::Backend;
 use gateway_support::{assert_nowhere_in_clear, database_contents};
 
@@ -60,26 +60,12 @@ impl Gateway {
     }
 
     fn ok_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let out = self.run(args, stdin);
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{args:?} failed:\n{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
+        expect_success(args, &self.run(args, stdin))
     }
 
     /// Runs a command that must fail; returns its `error: …` line.
     fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args, None);
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!out.status.success(), "{args:?} succeeded:\n{stderr}");
-        stderr
-            .lines()
-            .find(|l| l.starts_with("error: "))
-            .unwrap_or_else(|| panic!("{args:?}: no `error:` line in\n{stderr}"))
-            .to_owned()
+        expect_failure(args, &self.run(args, None))
     }
 
     fn show(&self, tenant: &str, source: &str) -> Value {

@@ -14,7 +14,7 @@ mod gateway_support;
 use std::collections::BTreeSet;
 use std::process::Output;
 
-use admin_cli_support::AdminCli;
+use admin_cli_support::{expect_failure, expect_success, AdminCli};
 use backend_support::Backend;
 use gateway_support::*;
 use reqwest::{Method, StatusCode};
@@ -474,26 +474,12 @@ impl Cli {
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{args:?} failed:\n{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
+        expect_success(args, &self.run(args))
     }
 
     /// Runs a command that must fail; returns its `error: …` line.
     fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!out.status.success(), "{args:?} succeeded:\n{stderr}");
-        stderr
-            .lines()
-            .find(|l| l.starts_with("error: "))
-            .unwrap_or_else(|| panic!("{args:?}: no `error:` line in\n{stderr}"))
-            .to_owned()
+        expect_failure(args, &self.run(args))
     }
 
     fn json(&self, args: &[&str]) -> Value {

@@ -86,3 +86,25 @@ impl AdminCli {
         child.wait_with_output().unwrap()
     }
 }
+
+/// The stdout of a command that must have succeeded.
+pub fn expect_success(args: &[&str], out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{args:?} failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The `error: …` line of a command that must have failed.
+pub fn expect_failure(args: &[&str], out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} succeeded:\n{stderr}");
+    stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("{args:?}: no `error:` line in\n{stderr}"))
+        .to_owned()
+}
