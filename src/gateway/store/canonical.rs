@@ -16,28 +16,35 @@ pub(crate) struct SqlIndex<'t, 'c> {
     pub tx: &'t mut Tx<'c>,
 }
 
-pub(super) const DEVICE_COLUMNS: &str =
-    "SELECT id, tenant, partition, ip, mac, hostname, sources, metadata,
-    first_seen, last_seen, last_run_id, merged_into, identifiers FROM canonical_devices";
+/// The columns of a canonical device, as [`device_at`] reads them.
+pub(super) const DEVICE_FIELDS: &str =
+    "id, tenant, partition, ip, mac, hostname, sources, metadata,
+    first_seen, last_seen, last_run_id, merged_into, identifiers";
 
-pub(super) fn device_row(r: &Row<'_, '_>) -> Result<CanonicalDevice, DbError> {
-    let sources: String = r.get(6)?;
-    let metadata: String = r.get(7)?;
-    let identifiers: String = r.get(12)?;
+fn device_row(r: &Row<'_, '_>) -> Result<CanonicalDevice, DbError> {
+    device_at(r, 0)
+}
+
+/// The [`DEVICE_FIELDS`] of a row from column `at` on (PostgreSQL's
+/// batches read them after other columns).
+pub(super) fn device_at(r: &Row<'_, '_>, at: usize) -> Result<CanonicalDevice, DbError> {
+    let sources: String = r.get(at + 6)?;
+    let metadata: String = r.get(at + 7)?;
+    let identifiers: String = r.get(at + 12)?;
     Ok(CanonicalDevice {
-        id: r.get(0)?,
-        tenant: r.get(1)?,
-        partition: r.get(2)?,
-        ip: r.get(3)?,
-        mac: r.get(4)?,
-        hostname: r.get(5)?,
+        id: r.get(at)?,
+        tenant: r.get(at + 1)?,
+        partition: r.get(at + 2)?,
+        ip: r.get(at + 3)?,
+        mac: r.get(at + 4)?,
+        hostname: r.get(at + 5)?,
         // Written by this module; unreadable JSON reads as empty.
         sources: serde_json::from_str(&sources).unwrap_or_default(),
         metadata: metadata_map(serde_json::from_str(&metadata).unwrap_or(Value::Null)),
-        first_seen: r.get(8)?,
-        last_seen: r.get(9)?,
-        last_run_id: r.get(10)?,
-        merged_into: r.get(11)?,
+        first_seen: r.get(at + 8)?,
+        last_seen: r.get(at + 9)?,
+        last_run_id: r.get(at + 10)?,
+        merged_into: r.get(at + 11)?,
         identifiers: serde_json::from_str(&identifiers).unwrap_or_default(),
     })
 }
@@ -77,7 +84,7 @@ impl DeviceIndex for SqlIndex<'_, '_> {
         device: &str,
     ) -> Result<Option<CanonicalDevice>, DbError> {
         self.tx.query_opt(
-            &format!("{DEVICE_COLUMNS} WHERE id = $1"),
+            &format!("SELECT {DEVICE_FIELDS} FROM canonical_devices WHERE id = $1"),
             &[&device],
             device_row,
         )
@@ -251,7 +258,7 @@ impl Store {
             };
             tx.query(
                 &format!(
-                    "{DEVICE_COLUMNS}
+                    "SELECT {DEVICE_FIELDS} FROM canonical_devices
                      WHERE (CAST($1 AS TEXT) IS NULL OR tenant = $1)
                        AND (CAST($2 AS TEXT) IS NULL OR partition = $2)
                        AND (CAST($3 AS TEXT) IS NULL OR {has_source})

@@ -38,14 +38,12 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use postgres::{Row, Statement, Transaction};
-use serde_json::Value;
 
 // The JSON encodings of the columns and of audited devices are the store's,
 // whatever the backend.
-use super::canonical::{to_json, with_identifiers};
-use crate::gateway::dire::reconcile::{
-    self, metadata_map, DeviceIndex, MergeRecord, Outcome, Scope,
-};
+use super::canonical::{device_at, to_json, with_identifiers, DEVICE_FIELDS};
+use super::db::{DbError, Row as DbRow};
+use crate::gateway::dire::reconcile::{self, DeviceIndex, MergeRecord, Outcome, Scope};
 use crate::gateway::dire::{CanonicalDevice, IdKind, Identifier, Sighting};
 
 /// Sightings per batch. Larger batches mean fewer round trips but more
@@ -62,10 +60,6 @@ pub(super) const BATCH_SIZE: usize = 5_000;
 pub(super) const SCOPE_LOCK_SQL: &str =
     "SELECT pg_advisory_xact_lock(hashtextextended($1::text || '/' || $2::text, 0))";
 
-/// The columns of a device, as `device_from_row` reads them.
-const DEVICE_COLUMNS: &str = "id, tenant, partition, ip, mac, hostname, sources, metadata,
-    first_seen, last_seen, last_run_id, merged_into, identifiers";
-
 /// Reconciles one run of `tenant` on PostgreSQL inside `tx` (the caller
 /// commits): sorted with [`reconcile::order`], then reconciled in batches of
 /// `batch_size` sightings (0 counts as 1); the outcome is the same for every
@@ -77,7 +71,7 @@ pub(super) fn reconcile_run(
     sightings: Vec<(String, Sighting)>,
     now: i64,
     batch_size: usize,
-) -> Result<Outcome, postgres::Error> {
+) -> Result<Outcome, DbError> {
     reconcile_run_with(tx, tenant, run_id, sightings, now, batch_size, true)
 }
 
@@ -91,7 +85,7 @@ fn reconcile_run_with(
     now: i64,
     batch_size: usize,
     prefetch: bool,
-) -> Result<Outcome, postgres::Error> {
+) -> Result<Outcome, DbError> {
     // Locks first, before anything is read, in a fixed order so that two
     // runs spanning the same scopes cannot deadlock.
     let partitions: BTreeSet<String> = sightings.iter().map(|(p, _)| p.clone()).collect();
@@ -151,7 +145,7 @@ fn pipeline(
     conn: &Connection<'_, '_>,
     run: &RunContext<'_>,
     batches: Vec<Vec<(String, Sighting)>>,
-) -> Result<Outcome, postgres::Error> {
+) -> Result<Outcome, DbError> {
     let mut outcome = Outcome::default();
     let mut batches = batches.into_iter();
     let Some(first) = batches.next() else {
@@ -213,7 +207,7 @@ fn reconcile_batch(
     fetched: Prefetched,
     previous: Option<State>,
     batch: Vec<(String, Sighting)>,
-) -> Result<(State, FlushSet, Outcome), postgres::Error> {
+) -> Result<(State, FlushSet, Outcome), DbError> {
     let state = State::after(run.tenant, &batch, fetched, previous)?;
     let mut overlay = Overlay { conn, run, state };
     let mut outcome = Outcome::default();
@@ -251,14 +245,14 @@ struct Statements {
 }
 
 impl Statements {
-    fn prepare(tx: &mut Transaction<'_>) -> Result<Self, postgres::Error> {
+    fn prepare(tx: &mut Transaction<'_>) -> Result<Self, DbError> {
         // Prefetches: rows answer by position in the request (WITH
         // ORDINALITY), with the holder's row when there is one. The LATERAL
         // subqueries with LIMIT are not flattened, so every key is one
         // index probe whatever the planner thinks of the tables' size (a
         // hash join would read whole tables, batch after batch).
         let with_device = format!(
-            "LEFT JOIN LATERAL (SELECT {DEVICE_COLUMNS} FROM canonical_devices
+            "LEFT JOIN LATERAL (SELECT {DEVICE_FIELDS} FROM canonical_devices
                                 WHERE id = h.device_id LIMIT 1) AS c ON TRUE"
         );
         Ok(Self {
@@ -290,7 +284,7 @@ impl Statements {
                  WHERE tenant = $1::text AND partition = $2::text AND ip = $3::text",
             )?,
             load: tx.prepare(&format!(
-                "SELECT {DEVICE_COLUMNS} FROM canonical_devices WHERE id = $1::text"
+                "SELECT {DEVICE_FIELDS} FROM canonical_devices WHERE id = $1::text"
             ))?,
             // A row whose IP is about to change lets go of it first: the
             // unique index on (tenant, partition, ip) is checked row by row,
@@ -379,12 +373,12 @@ struct FetchedDevice {
 }
 
 impl FetchedDevice {
-    fn decode(&self) -> Result<CanonicalDevice, postgres::Error> {
-        device_from_row(&self.row, self.at)
+    fn decode(&self) -> Result<CanonicalDevice, DbError> {
+        device_at(&DbRow::Postgres(&self.row), self.at)
     }
 
     /// Just what the second round of a prefetch needs.
-    fn ip_and_identifiers(&self) -> Result<(Option<String>, Vec<Identifier>), postgres::Error> {
+    fn ip_and_identifiers(&self) -> Result<(Option<String>, Vec<Identifier>), DbError> {
         let identifiers: &str = self.row.try_get(self.at + 12)?;
         Ok((
             self.row.try_get(self.at + 3)?,
@@ -408,7 +402,7 @@ fn prefetch(
     tx: &mut Transaction<'_>,
     run: &RunContext<'_>,
     batch: &[(String, Sighting)],
-) -> Result<Prefetched, postgres::Error> {
+) -> Result<Prefetched, DbError> {
     let mut fetched = Prefetched::default();
     if !run.prefetch {
         return Ok(fetched);
@@ -478,7 +472,7 @@ impl Prefetched {
         tx: &mut Transaction<'_>,
         run: &RunContext<'_>,
         requests: &[IdRequest<'_>],
-    ) -> Result<(), postgres::Error> {
+    ) -> Result<(), DbError> {
         if requests.is_empty() {
             return Ok(());
         }
@@ -504,7 +498,7 @@ impl Prefetched {
         tx: &mut Transaction<'_>,
         run: &RunContext<'_>,
         requests: &[IpRequest<'_>],
-    ) -> Result<(), postgres::Error> {
+    ) -> Result<(), DbError> {
         if requests.is_empty() {
             return Ok(());
         }
@@ -526,11 +520,7 @@ impl Prefetched {
 
     /// The holder of each of `count` requested keys, from rows of
     /// (position, holder, device columns...); keeps the devices.
-    fn holders(
-        &mut self,
-        rows: Vec<Row>,
-        count: usize,
-    ) -> Result<Vec<Option<String>>, postgres::Error> {
+    fn holders(&mut self, rows: Vec<Row>, count: usize) -> Result<Vec<Option<String>>, DbError> {
         let mut holders: Vec<Option<String>> = vec![None; count];
         for row in rows {
             let n: i64 = row.try_get(0)?;
@@ -643,7 +633,7 @@ impl State {
         batch: &[(String, Sighting)],
         fetched: Prefetched,
         previous: Option<State>,
-    ) -> Result<State, postgres::Error> {
+    ) -> Result<State, DbError> {
         let Prefetched {
             identifiers,
             ips,
@@ -891,11 +881,7 @@ impl FlushSet {
     /// At most six statements, in the order the unique IP index needs:
     /// IPs let go, whole rows, light rows; then identifiers (new ones, then
     /// moved ones) and the audit.
-    fn write(
-        &self,
-        tx: &mut Transaction<'_>,
-        statements: &Statements,
-    ) -> Result<(), postgres::Error> {
+    fn write(&self, tx: &mut Transaction<'_>, statements: &Statements) -> Result<(), DbError> {
         if !self.clear.ids.is_empty() {
             tx.execute(&statements.clear_ips, &[&self.clear.ids, &self.clear.ips])?;
         }
@@ -979,10 +965,13 @@ struct Overlay<'a, 'c, 't> {
 
 impl Overlay<'_, '_, '_> {
     /// Makes sure `id` is in the overlay (reading it if need be).
-    fn ensure_cached(&mut self, id: &str) -> Result<(), postgres::Error> {
+    fn ensure_cached(&mut self, id: &str) -> Result<(), DbError> {
         if !self.state.devices.contains_key(id) {
             let row = lock(self.conn).query_opt(&self.run.statements.load, &[&id])?;
-            let device = row.as_ref().map(|r| device_from_row(r, 0)).transpose()?;
+            let device = row
+                .as_ref()
+                .map(|r| device_at(&DbRow::Postgres(r), 0))
+                .transpose()?;
             self.state.remember(self.run.tenant, id.to_owned(), device);
         }
         Ok(())
@@ -990,13 +979,9 @@ impl Overlay<'_, '_, '_> {
 }
 
 impl DeviceIndex for Overlay<'_, '_, '_> {
-    type Error = postgres::Error;
+    type Error = DbError;
 
-    fn holder(
-        &mut self,
-        scope: Scope<'_>,
-        id: &Identifier,
-    ) -> Result<Option<String>, postgres::Error> {
+    fn holder(&mut self, scope: Scope<'_>, id: &Identifier) -> Result<Option<String>, DbError> {
         debug_assert_eq!(scope.tenant, self.run.tenant);
         let key = (scope.partition.to_owned(), id.kind, id.value.clone());
         if let Some(holder) = self.state.identifiers.get(&key) {
@@ -1018,11 +1003,7 @@ impl DeviceIndex for Overlay<'_, '_, '_> {
         Ok(holder)
     }
 
-    fn holder_of_ip(
-        &mut self,
-        scope: Scope<'_>,
-        ip: &str,
-    ) -> Result<Option<String>, postgres::Error> {
+    fn holder_of_ip(&mut self, scope: Scope<'_>, ip: &str) -> Result<Option<String>, DbError> {
         debug_assert_eq!(scope.tenant, self.run.tenant);
         let key = (scope.partition.to_owned(), ip.to_owned());
         if let Some(owner) = self.state.ip_owners.get(&key) {
@@ -1049,7 +1030,7 @@ impl DeviceIndex for Overlay<'_, '_, '_> {
         &mut self,
         _scope: Scope<'_>,
         device: &str,
-    ) -> Result<Option<CanonicalDevice>, postgres::Error> {
+    ) -> Result<Option<CanonicalDevice>, DbError> {
         // By id alone, like the SQLite index (ids embed their scope).
         self.ensure_cached(device)?;
         Ok(self
@@ -1059,12 +1040,7 @@ impl DeviceIndex for Overlay<'_, '_, '_> {
             .and_then(|c| c.current.clone()))
     }
 
-    fn release_ip(
-        &mut self,
-        scope: Scope<'_>,
-        ip: &str,
-        keeper: &str,
-    ) -> Result<(), postgres::Error> {
+    fn release_ip(&mut self, scope: Scope<'_>, ip: &str, keeper: &str) -> Result<(), DbError> {
         // The unique index means at most one device of the scope holds it.
         let Some(holder) = self.holder_of_ip(scope, ip)? else {
             return Ok(());
@@ -1088,7 +1064,7 @@ impl DeviceIndex for Overlay<'_, '_, '_> {
         Ok(())
     }
 
-    fn store(&mut self, device: &CanonicalDevice) -> Result<(), postgres::Error> {
+    fn store(&mut self, device: &CanonicalDevice) -> Result<(), DbError> {
         let previous = match self.state.devices.get_mut(&device.id) {
             Some(cached) => {
                 cached.write = Write::Full;
@@ -1115,7 +1091,7 @@ impl DeviceIndex for Overlay<'_, '_, '_> {
         Ok(())
     }
 
-    fn touch(&mut self, device: &str, last_seen: i64, run_id: &str) -> Result<(), postgres::Error> {
+    fn touch(&mut self, device: &str, last_seen: i64, run_id: &str) -> Result<(), DbError> {
         self.ensure_cached(device)?;
         if let Some(cached) = self.state.devices.get_mut(device) {
             // Like `UPDATE ... WHERE id = ?`: nothing if there is no row.
@@ -1128,12 +1104,7 @@ impl DeviceIndex for Overlay<'_, '_, '_> {
         Ok(())
     }
 
-    fn attach(
-        &mut self,
-        scope: Scope<'_>,
-        id: &Identifier,
-        device: &str,
-    ) -> Result<(), postgres::Error> {
+    fn attach(&mut self, scope: Scope<'_>, id: &Identifier, device: &str) -> Result<(), DbError> {
         debug_assert_eq!(scope.tenant, self.run.tenant);
         let key = (scope.partition.to_owned(), id.kind, id.value.clone());
         // Until the batch's first attach of a key, the map holds what the
@@ -1149,7 +1120,7 @@ impl DeviceIndex for Overlay<'_, '_, '_> {
         Ok(())
     }
 
-    fn record_merge(&mut self, merge: &MergeRecord) -> Result<(), postgres::Error> {
+    fn record_merge(&mut self, merge: &MergeRecord) -> Result<(), DbError> {
         self.state.merges.push(MergeRow {
             tenant: merge.tenant.clone(),
             partition: merge.partition.clone(),
@@ -1165,30 +1136,6 @@ impl DeviceIndex for Overlay<'_, '_, '_> {
     }
 }
 
-/// The [`DEVICE_COLUMNS`] of a row from column `at` on, decoded as the
-/// SQLite store decodes them.
-fn device_from_row(r: &Row, at: usize) -> Result<CanonicalDevice, postgres::Error> {
-    let sources: String = r.try_get(at + 6)?;
-    let metadata: String = r.try_get(at + 7)?;
-    let identifiers: String = r.try_get(at + 12)?;
-    Ok(CanonicalDevice {
-        id: r.try_get(at)?,
-        tenant: r.try_get(at + 1)?,
-        partition: r.try_get(at + 2)?,
-        ip: r.try_get(at + 3)?,
-        mac: r.try_get(at + 4)?,
-        hostname: r.try_get(at + 5)?,
-        // Written by this module; unreadable JSON reads as empty.
-        sources: serde_json::from_str(&sources).unwrap_or_default(),
-        metadata: metadata_map(serde_json::from_str(&metadata).unwrap_or(Value::Null)),
-        first_seen: r.try_get(at + 8)?,
-        last_seen: r.try_get(at + 9)?,
-        last_run_id: r.try_get(at + 10)?,
-        merged_into: r.try_get(at + 11)?,
-        identifiers: serde_json::from_str(&identifiers).unwrap_or_default(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     //! The blocking client must not live inside a tokio runtime: these are
@@ -1197,7 +1144,7 @@ mod tests {
     use std::time::Instant;
 
     use postgres::{Client, NoTls};
-    use serde_json::{json, Map};
+    use serde_json::{json, Map, Value};
 
     use super::super::db::Tx;
     use super::super::staging::reconcile_row_by_row;

@@ -488,14 +488,14 @@ pub(super) fn reconcile_run(
     now: i64,
 ) -> Result<Outcome, DbError> {
     if let Some(pg) = tx.postgres() {
-        return Ok(super::pg_dire::reconcile_run(
+        return super::pg_dire::reconcile_run(
             pg,
             tenant,
             run_id,
             sightings,
             now,
             super::pg_dire::BATCH_SIZE,
-        )?);
+        );
     }
     reconcile_row_by_row(tx, tenant, run_id, sightings, now)
 }
