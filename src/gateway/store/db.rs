@@ -140,12 +140,23 @@ pub enum DbError {
     NoRows,
 }
 
-/// postgres' own Display says only "db error": add the server's message.
-fn postgres_message(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
-        None => e.to_string(),
+/// postgres' own Display may say only "db error": the server's message, or
+/// else the error with its causes (a connection that failed says why).
+pub(crate) fn postgres_message(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {} ({})", db.severity(), db.message(), db.code().code());
     }
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !message.ends_with(&cause_text) {
+            message.push_str(": ");
+            message.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    message
 }
 
 impl DbError {
@@ -387,6 +398,17 @@ mod tests {
             "SELECT a FROM t WHERE b = ?1 AND c = ?12"
         );
         assert_eq!(sqlite_sql("SELECT '$x'"), "SELECT '$x'");
+    }
+
+    #[test]
+    fn a_failed_connection_says_why() {
+        let url = PostgresUrl::parse("postgres://gw:pw-s3cret@127.0.0.1:1/sr").unwrap();
+        let Err(e) = PgClient::connect(&url) else {
+            panic!("connected to port 1")
+        };
+        let shown = e.to_string();
+        assert!(shown.to_lowercase().contains("refused"), "{shown}");
+        assert!(!shown.contains("pw-s3cret"), "{shown}");
     }
 
     #[test]

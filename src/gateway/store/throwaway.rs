@@ -19,7 +19,6 @@
 //! used or dropped inside another one, so every client here lives on its own
 //! `std::thread`: both functions may be called from async tests.
 
-use std::error::Error as _;
 use std::ffi::CString;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
@@ -125,7 +124,7 @@ pub fn fresh_database(prefix: &str) -> Result<String, ThrowawayError> {
             let sql_error = |action: &str, e: postgres::Error| ThrowawayError::Sql {
                 action: action.to_owned(),
                 url: server.clone(),
-                message: pg_error(&e),
+                message: super::db::postgres_message(&e),
             };
             let mut client = postgres::Client::connect(&server, postgres::NoTls)
                 .map_err(|e| sql_error("connecting", e))?;
@@ -180,18 +179,6 @@ fn with_database(url: &str, database: &str) -> Result<String, ThrowawayError> {
     }
     let query = tail.find('?').map_or("", |i| &tail[i..]);
     Ok(format!("{scheme}{authority}/{database}{query}"))
-}
-
-/// A `postgres::Error` with its causes (its `Display` alone is e.g. "db error").
-fn pg_error(e: &postgres::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 // ---------------------------------------------------------------------------
