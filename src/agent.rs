@@ -6,7 +6,8 @@ use actix::{Actor, Addr};
 
 use crate::actors::{AgentContext, Supervisor};
 use crate::config::bootstrap::Bootstrap;
-use crate::messages::Shutdown;
+use crate::messages::{Drain, Shutdown};
+use crate::upload::spool::{Spool, SpoolError};
 
 /// A running agent inside the current actix System.
 pub struct AgentHandle {
@@ -18,6 +19,34 @@ impl AgentHandle {
     /// Stops the supervision tree (children are not restarted).
     pub fn shutdown(&self) {
         self.supervisor.do_send(Shutdown);
+    }
+
+    /// Stops every source (runs in progress are cut, nothing new is
+    /// scheduled) while the uploader goes on delivering the spool.
+    pub fn drain(&self) {
+        self.supervisor.do_send(Drain);
+    }
+
+    /// The SIGTERM sequence: drain, then wait until the spool is delivered,
+    /// `grace` has passed or `interrupt` resolves (a second signal), and stop
+    /// the tree. What is not delivered stays spooled for the next start.
+    pub async fn drain_and_stop(
+        &self,
+        grace: std::time::Duration,
+        interrupt: impl std::future::Future<Output = ()>,
+    ) {
+        self.drain();
+        let spool = &self.context.spool;
+        tokio::select! {
+            () = spool.wait_idle() => tracing::info!("everything spooled was delivered"),
+            () = tokio::time::sleep(grace) => {
+                let (runs, bytes) = spool.usage();
+                tracing::warn!(runs, bytes, "shutdown grace of {} over: what is undelivered stays spooled for the next start",
+                    humantime::format_duration(grace));
+            }
+            () = interrupt => tracing::warn!("second termination signal: stopping now; the spool is kept"),
+        }
+        self.shutdown();
     }
 }
 
@@ -38,7 +67,8 @@ pub fn pin_malloc_mmap_threshold() {
 }
 
 /// Starts the supervision tree. Must be called inside an actix System.
-pub fn start(mut bootstrap: Bootstrap) -> AgentHandle {
+/// Fails only if the spool directory cannot be opened.
+pub fn start(mut bootstrap: Bootstrap) -> Result<AgentHandle, SpoolError> {
     for warning in &bootstrap.warnings {
         tracing::warn!("{warning}");
     }
@@ -57,16 +87,38 @@ pub fn start(mut bootstrap: Bootstrap) -> AgentHandle {
             bootstrap.state_dir = fallback;
         }
     }
-    let context = AgentContext::new(bootstrap);
+    let (spool, recovery) = Spool::open(
+        &AgentContext::spool_dir(&bootstrap),
+        bootstrap.spool.max_bytes,
+    )?;
+    if !recovery.pending.is_empty() {
+        let devices: u64 = recovery.pending.iter().map(|p| p.2).sum();
+        tracing::info!(
+            runs = recovery.pending.len(),
+            devices,
+            "replaying runs spooled before the last stop, oldest first"
+        );
+    }
+    if !recovery.removed_incomplete.is_empty() {
+        tracing::warn!(
+            files = recovery.removed_incomplete.len(),
+            "removed files of runs whose staging was interrupted"
+        );
+    }
+    let context = AgentContext::new(bootstrap, Arc::new(spool));
+    for dropped in recovery.dropped {
+        context.run_dropped(dropped);
+    }
     let supervisor = Supervisor::new(context.clone()).start();
-    AgentHandle {
+    Ok(AgentHandle {
         context,
         supervisor,
-    }
+    })
 }
 
 /// Runs the agent until SIGINT/SIGTERM or a restart-intensity escalation;
-/// returns the process exit code.
+/// returns the process exit code. A termination signal drains: no new runs,
+/// uploads go on for up to `spool.shutdown_grace`, the spool is kept, exit 0.
 pub fn run(bootstrap: Bootstrap) -> anyhow::Result<i32> {
     let system = actix_rt::System::new();
     system.block_on(async move {
@@ -76,14 +128,19 @@ pub fn run(bootstrap: Bootstrap) -> anyhow::Result<i32> {
             version = crate::VERSION,
             "starting serviceradar-agent"
         );
-        let handle = start(bootstrap);
+        let grace = bootstrap.spool.shutdown_grace;
+        let handle = start(bootstrap)?;
         actix_rt::spawn(async move {
             wait_for_termination().await;
-            tracing::info!("termination signal received; stopping");
-            handle.shutdown();
+            tracing::info!(
+                "termination signal received; no new runs, delivering the spool for up to {}",
+                humantime::format_duration(grace)
+            );
+            handle.drain_and_stop(grace, wait_for_termination()).await;
             actix_rt::System::current().stop();
         });
-    });
+        anyhow::Ok(())
+    })?;
     Ok(system.run_with_code()?)
 }
 

@@ -199,7 +199,7 @@ async fn run_in_system(args: DemoArgs) -> anyhow::Result<i32> {
     println!("▸ agent bootstrap written to {}", agent_json.display());
 
     let mut events = gw.subscribe();
-    let agent = agent::start(bootstrap);
+    let agent = agent::start(bootstrap)?;
     let mut summary = Summary::new(source_name, source_kind);
     // Until the first run is reported (bounded by --timeout)...
     let first_run = tokio::time::timeout(

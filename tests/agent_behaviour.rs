@@ -18,7 +18,8 @@ async fn heartbeats_flow_and_a_failed_rpc_only_triggers_a_probe() {
     config.heartbeat_interval_sec = 1; // the agent follows the gateway's interval
     let gw = serviceradar_agent::gateway::start(config).await.unwrap();
     let mut gw_events = gw.subscribe();
-    let agent = agent::start(fx.bootstrap("agent-hb", &gw.local_addr().to_string(), json!({})));
+    let agent = agent::start(fx.bootstrap("agent-hb", &gw.local_addr().to_string(), json!({})))
+        .expect("agent starts");
     let mut events = agent.context.telemetry.subscribe();
     wait_for(&mut events, "enrolled", |e| {
         matches!(e, AgentEvent::GatewayConnected { .. }).then_some(())
@@ -88,7 +89,8 @@ async fn a_source_never_runs_twice_at_once() {
         .gateway(&[("agent-once", json!({"Big": faker_source(30_000, 1)}))])
         .await;
     let mut gw_events = gw.subscribe();
-    let agent = agent::start(fx.bootstrap("agent-once", &gw.local_addr().to_string(), json!({})));
+    let agent = agent::start(fx.bootstrap("agent-once", &gw.local_addr().to_string(), json!({})))
+        .expect("agent starts");
     let mut events = agent.context.telemetry.subscribe();
     wait_for(&mut events, "source started", |e| {
         matches!(e, AgentEvent::SourceStarted { .. }).then_some(())
@@ -126,7 +128,8 @@ async fn a_run_past_its_deadline_is_reported_failed() {
         .await;
     let mut gw_events = gw.subscribe();
     let extra = json!({"gateway_policy": {"reconnect_base": "50ms", "reconnect_cap": "1s", "run_deadline": "1ms"}});
-    let agent = agent::start(fx.bootstrap("agent-late", &gw.local_addr().to_string(), extra));
+    let agent = agent::start(fx.bootstrap("agent-late", &gw.local_addr().to_string(), extra))
+        .expect("agent starts");
     let error = wait_for(&mut gw_events, "failed run report", |e| match e {
         GatewayEvent::RunReport {
             source,
@@ -165,7 +168,7 @@ async fn an_agent_with_a_foreign_certificate_never_enrols() {
     {
         files.ca_file = fx.pki.ca_cert();
     }
-    let agent = agent::start(bootstrap);
+    let agent = agent::start(bootstrap).expect("agent starts");
     let mut events = agent.context.telemetry.subscribe();
     for attempt in 0..2 {
         let reason = wait_for(&mut events, "refused connection", |e| match e {
@@ -192,7 +195,8 @@ async fn a_source_runs_again_on_its_interval() {
         .gateway(&[("agent-tick", json!({"Ticking": source}))])
         .await;
     let mut gw_events = gw.subscribe();
-    let agent = agent::start(fx.bootstrap("agent-tick", &gw.local_addr().to_string(), json!({})));
+    let agent = agent::start(fx.bootstrap("agent-tick", &gw.local_addr().to_string(), json!({})))
+        .expect("agent starts");
     let mut runs = std::collections::BTreeSet::new();
     while runs.len() < 3 {
         let run = wait_for(&mut gw_events, "scheduled run", |e| match e {
@@ -221,7 +225,8 @@ async fn a_run_of_more_than_5000_chunks_is_split_into_streams() {
         .await;
     let mut gw_events = gw.subscribe();
     let extra = json!({"gateway_policy": {"reconnect_base": "50ms", "reconnect_cap": "1s", "chunk_max_updates": 1}});
-    let agent = agent::start(fx.bootstrap("agent-split", &gw.local_addr().to_string(), extra));
+    let agent = agent::start(fx.bootstrap("agent-split", &gw.local_addr().to_string(), extra))
+        .expect("agent starts");
     let mut streams = Vec::new();
     let devices = wait_for(&mut gw_events, "run complete", |e| match e {
         GatewayEvent::StreamAccepted { chunks, .. } => {

@@ -19,7 +19,8 @@ async fn agent_enrols_and_delivers_exactly_the_generated_devices() {
         .gateway(&[("agent-e2e", json!({"Faker Ten K": faker_source(10_000, 7)}))])
         .await;
     let mut gw_events = gw.subscribe();
-    let agent = agent::start(fx.bootstrap("agent-e2e", &gw.local_addr().to_string(), json!({})));
+    let agent = agent::start(fx.bootstrap("agent-e2e", &gw.local_addr().to_string(), json!({})))
+        .expect("agent starts");
     let mut agent_events = agent.context.telemetry.subscribe();
 
     let capabilities = wait_for(&mut gw_events, "Hello", |e| match e {

@@ -63,7 +63,8 @@ async fn only_affected_sources_restart() {
         .gateway(&[("agent-cfg", json!({"A": a, "B": b, "C": c}))])
         .await;
     let mut gw_events = gw.subscribe();
-    let agent = agent::start(fx.bootstrap("agent-cfg", &gw.local_addr().to_string(), json!({})));
+    let agent = agent::start(fx.bootstrap("agent-cfg", &gw.local_addr().to_string(), json!({})))
+        .expect("agent starts");
     let mut events = agent.context.telemetry.subscribe();
     // The ControlStream is up once the agent acknowledges the pushed config.
     wait_for(&mut gw_events, "first config ack", |e| {

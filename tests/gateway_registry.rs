@@ -23,7 +23,8 @@ async fn hello_registers_the_agent_and_the_database_remembers_it(backend: Backen
         .await
         .expect("gateway starts");
     let mut events = gw.subscribe();
-    let agent = agent::start(fx.bootstrap("agent-reg", &gw.local_addr().to_string(), json!({})));
+    let agent = agent::start(fx.bootstrap("agent-reg", &gw.local_addr().to_string(), json!({})))
+        .expect("agent starts");
     // A run report is a PushStatus: by then Hello has registered the agent
     // and the report has refreshed it.
     wait_for(&mut events, "RunReport", |e| match e {

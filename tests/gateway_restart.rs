@@ -25,7 +25,8 @@ async fn agent_reconnects_after_gateway_restart_and_delivers_the_next_run(backen
     let gw = fx.gateway(&[("agent-rs", sources.clone())]).await;
     let addr = gw.local_addr();
     let mut gw_events = gw.subscribe();
-    let agent = agent::start(fx.bootstrap("agent-rs", &addr.to_string(), json!({})));
+    let agent =
+        agent::start(fx.bootstrap("agent-rs", &addr.to_string(), json!({}))).expect("agent starts");
     let mut events = agent.context.telemetry.subscribe();
     wait_for(&mut gw_events, "first run", |e| {
         matches!(e, GatewayEvent::RunComplete { .. }).then_some(())
@@ -135,9 +136,18 @@ async fn cached_config_is_used_when_the_gateway_is_down_at_start(backend: Backen
         .await;
     let addr = gw.local_addr();
     let mut gw_events = gw.subscribe();
-    let agent = agent::start(fx.bootstrap("agent-cache", &addr.to_string(), json!({})));
+    let agent = agent::start(fx.bootstrap("agent-cache", &addr.to_string(), json!({})))
+        .expect("agent starts");
+    let mut events = agent.context.telemetry.subscribe();
     wait_for(&mut gw_events, "first run", |e| {
         matches!(e, GatewayEvent::RunComplete { .. }).then_some(())
+    })
+    .await;
+    // Delivered and reported, so it left the spool: the next agent starts a
+    // run of its own (an unacknowledged run would be replayed instead, and
+    // the gateway would ignore it as already complete).
+    wait_for(&mut events, "first run reported", |e| {
+        matches!(e, AgentEvent::RunReported { ok: true, .. }).then_some(())
     })
     .await;
     let version = agent.context.applied_config_version();
@@ -145,7 +155,8 @@ async fn cached_config_is_used_when_the_gateway_is_down_at_start(backend: Backen
     gw.shutdown().await;
 
     // Agent restarts while the gateway is down: its cached config starts the source.
-    let agent = agent::start(fx.bootstrap("agent-cache", &addr.to_string(), json!({})));
+    let agent = agent::start(fx.bootstrap("agent-cache", &addr.to_string(), json!({})))
+        .expect("agent starts");
     let mut events = agent.context.telemetry.subscribe();
     let name = wait_for(&mut events, "source from cache", |e| match e {
         AgentEvent::SourceStarted { name, .. } => Some(name.clone()),

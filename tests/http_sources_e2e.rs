@@ -59,7 +59,8 @@ async fn armis_source_pulls_the_faker_server_through_the_agent_to_the_gateway() 
         .gateway(&[("agent-armis", json!({"Armis Lab": source}))])
         .await;
     let mut events = gw.subscribe();
-    let agent = agent::start(fx.bootstrap("agent-armis", &gw.local_addr().to_string(), json!({})));
+    let agent = agent::start(fx.bootstrap("agent-armis", &gw.local_addr().to_string(), json!({})))
+        .expect("agent starts");
 
     let report = run_report(&mut events, "Armis Lab").await;
     let blacklisted = 254; // 172.16.3.1–254
@@ -150,7 +151,8 @@ async fn netbox_source_walks_fixture_shaped_pages_through_the_agent_to_the_gatew
         .gateway(&[("agent-netbox", json!({"NetBox Lab": source}))])
         .await;
     let mut events = gw.subscribe();
-    let agent = agent::start(fx.bootstrap("agent-netbox", &gw.local_addr().to_string(), json!({})));
+    let agent = agent::start(fx.bootstrap("agent-netbox", &gw.local_addr().to_string(), json!({})))
+        .expect("agent starts");
 
     let report = run_report(&mut events, "NetBox Lab").await;
     assert_eq!(report["result"], "success", "{report}");
@@ -215,7 +217,7 @@ async fn failed_http_runs_are_reported_with_their_kind_and_no_secret() {
         "agent-fail",
         &gw.local_addr().to_string(),
         json!({"gateway_policy": {"reconnect_base": "50ms", "reconnect_cap": "1s", "run_deadline": "300ms"}}),
-    ));
+    )).expect("agent starts");
 
     let mut reports = Vec::new();
     while reports.len() < 2 {

@@ -23,7 +23,8 @@ async fn every_child_restarts_with_backoff_after_stop_and_panic() {
         .gateway(&[("agent-sup", json!({"S": faker_source(50, 1)}))])
         .await;
     let mut gw_events = gw.subscribe();
-    let agent = agent::start(fx.bootstrap("agent-sup", &gw.local_addr().to_string(), json!({})));
+    let agent = agent::start(fx.bootstrap("agent-sup", &gw.local_addr().to_string(), json!({})))
+        .expect("agent starts");
     let mut events = agent.context.telemetry.subscribe();
     wait_for(&mut gw_events, "first run", |e| {
         matches!(e, GatewayEvent::RunComplete { .. }).then_some(())
@@ -179,7 +180,8 @@ async fn a_run_finished_during_an_uploader_restart_is_delivered() {
     let mut gw_events = gw.subscribe();
     // A long restart delay keeps the uploader down while the run stages.
     let extra = json!({"restart_policy": {"backoff_base": "2s", "backoff_cap": "4s", "max_restarts": 5, "window": "1m"}});
-    let agent = agent::start(fx.bootstrap("agent-handover", &gw.local_addr().to_string(), extra));
+    let agent = agent::start(fx.bootstrap("agent-handover", &gw.local_addr().to_string(), extra))
+        .expect("agent starts");
     let mut events = agent.context.telemetry.subscribe();
     wait_for(&mut gw_events, "first run", |e| {
         matches!(e, GatewayEvent::RunComplete { .. }).then_some(())

@@ -17,6 +17,7 @@ use super::telemetry::Telemetry;
 use super::uploader::ChunkUploader;
 use crate::config::bootstrap::Bootstrap;
 use crate::proto::agent_gateway_service_client::AgentGatewayServiceClient;
+use crate::upload::Spool;
 
 /// An enrolled gateway connection: a tonic client (cheap to clone; it shares
 /// one HTTP/2 connection) and the gateway id from Hello.
@@ -64,6 +65,14 @@ fn detect_source_ip() -> String {
         .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
         .map(|ip| ip.to_string())
         .unwrap_or_default()
+}
+
+/// The gateway id a previous process kept, if any.
+fn read_last_gateway_id(path: &std::path::Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty() && id.len() <= 255 && !id.contains(char::is_control))
 }
 
 /// Current addresses of the actors, replaced by the supervisor on every
@@ -135,11 +144,17 @@ pub struct AgentContext {
     pub telemetry: Telemetry,
     /// The config version last applied (sent in Hello and GetConfig).
     pub applied_config_version: Mutex<String>,
+    /// The gateway id of the last session, kept through outages.
+    last_gateway_id: Mutex<Option<String>>,
+    /// Runs waiting for delivery and reports waiting to be pushed: the
+    /// uploader's whole state, so that it survives the uploader.
+    pub spool: Arc<Spool>,
 }
 
 impl AgentContext {
-    pub fn new(bootstrap: Bootstrap) -> Arc<Self> {
+    pub fn new(bootstrap: Bootstrap, spool: Arc<Spool>) -> Arc<Self> {
         let host = HostInfo::detect(bootstrap.host_ip);
+        let last_gateway_id = read_last_gateway_id(&Self::last_gateway_id_path(&bootstrap));
         Arc::new(Self {
             bootstrap,
             host,
@@ -147,12 +162,25 @@ impl AgentContext {
             peers: Peers::default(),
             telemetry: Telemetry::default(),
             applied_config_version: Mutex::default(),
+            last_gateway_id: Mutex::new(last_gateway_id),
+            spool,
         })
+    }
+
+    /// Where the gateway id of the last session is kept: runs staged while
+    /// the gateway is away, even right after a restart, carry it.
+    fn last_gateway_id_path(bootstrap: &Bootstrap) -> PathBuf {
+        bootstrap.state_dir.join("last-gateway-id")
+    }
+
+    /// Where the spool lives, and runs are staged before they enter it.
+    pub fn spool_dir(bootstrap: &Bootstrap) -> PathBuf {
+        bootstrap.state_dir.join("runs")
     }
 
     /// Where runs are staged before upload.
     pub fn staging_dir(&self) -> PathBuf {
-        self.bootstrap.state_dir.join("runs")
+        self.spool.dir().to_owned()
     }
 
     /// Where the last good config is cached.
@@ -175,6 +203,36 @@ impl AgentContext {
         }
     }
 
+    /// Publishes a new session (the connection actor, after Hello).
+    pub fn set_session(&self, session: GatewaySession) {
+        if let Ok(mut last) = self.last_gateway_id.lock() {
+            if last.as_deref() != Some(session.gateway_id.as_str()) {
+                // A few bytes, once per gateway change.
+                let path = Self::last_gateway_id_path(&self.bootstrap);
+                if let Err(e) = std::fs::write(&path, &session.gateway_id) {
+                    tracing::warn!(path = %path.display(), "cannot keep the gateway id: {e}");
+                }
+                *last = Some(session.gateway_id.clone());
+            }
+        }
+        self.session.send_replace(Some(session));
+    }
+
+    /// The gateway id to write into updates: the current session's, else
+    /// the last one seen, so that a run during an outage is staged and
+    /// spooled rather than waiting; only before the first Hello of the
+    /// process does this wait for a session.
+    pub async fn gateway_id(&self) -> String {
+        if let Some(session) = self.current_session() {
+            return session.gateway_id;
+        }
+        let last = self.last_gateway_id.lock().ok().and_then(|l| l.clone());
+        match last {
+            Some(id) => id,
+            None => self.wait_for_session().await.gateway_id,
+        }
+    }
+
     /// The current session, if enrolled.
     pub fn current_session(&self) -> Option<GatewaySession> {
         self.session.borrow().clone()
@@ -192,6 +250,21 @@ impl AgentContext {
             os: self.host.os.clone(),
             arch: self.host.arch.clone(),
         }
+    }
+
+    /// A spooled run was dropped whole: say so loudly and count it (its
+    /// failed report is already queued by the spool).
+    pub fn run_dropped(&self, run: crate::upload::spool::DroppedRun) {
+        tracing::error!(source = %run.source, run_id = %run.run_id, devices = run.devices,
+            bytes = run.bytes, "spooled run dropped: {}", run.reason);
+        self.telemetry.count_dropped_run();
+        self.telemetry
+            .emit(super::telemetry::AgentEvent::RunDropped {
+                source: run.source,
+                run_id: run.run_id,
+                devices: run.devices,
+                reason: run.reason,
+            });
     }
 
     /// Tells the connection actor that an RPC failed (it decides what to do).

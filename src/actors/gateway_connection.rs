@@ -99,7 +99,7 @@ impl GatewayConnection {
         self.agent.telemetry.emit(AgentEvent::GatewayConnected {
             gateway_id: est.session.gateway_id.clone(),
         });
-        self.agent.session.send_replace(Some(est.session));
+        self.agent.set_session(est.session);
         self.start_heartbeat(ctx);
         if est.config_outdated {
             if let Some(config) = self.agent.peers.config() {

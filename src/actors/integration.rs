@@ -1,8 +1,12 @@
 //! One integration actor per configured source. It runs the source at once,
 //! then on its interval; never two runs of one source at the same time; each
 //! run has a deadline. A run streams devices straight into an on-disk staging
-//! file (memory does not grow with the inventory) and hands the staged run to
-//! the chunk uploader.
+//! file (memory does not grow with the inventory); a complete run enters the
+//! spool, where the chunk uploader finds it.
+//!
+//! While a run of the source is still in the spool (the gateway has been
+//! away), scheduled runs are skipped and reported as such: an outage does
+//! not multiply downloads. `sync.run_now` is never skipped.
 //!
 //! What a run does is the source's [`SourceRunner`]: HTTP sources download
 //! on the actor's thread (async) and parse, map and stage on a blocking
@@ -22,11 +26,11 @@ use super::supervisor::ChildGuard;
 use super::telemetry::AgentEvent;
 use crate::config::sources::SourceConfig;
 use crate::device::{now_rfc3339, UpdateContext};
-use crate::messages::{DeliverRun, ReportRun, RunNow, StopSource};
+use crate::messages::RunNow;
 use crate::sources::http::FetchError;
 use crate::sources::runner::{RunFailure, RunJob, RunOutcome, SourceRunner};
 use crate::upload::envelope::RunReport;
-use crate::upload::staging::RunWriter;
+use crate::upload::staging::{RunWriter, StagedRun};
 
 pub struct Integration {
     agent: Arc<AgentContext>,
@@ -57,6 +61,35 @@ impl Integration {
         }
     }
 
+    /// A scheduled run (at start, then on the interval): skipped while the
+    /// previous run of the source still waits in the spool.
+    fn scheduled_run(&mut self, ctx: &mut Context<Self>) {
+        if !self.running && self.agent.spool.has_undelivered(&self.config.name) {
+            let reason = format!(
+                "the previous run of {:?} is still waiting for delivery to the gateway",
+                self.config.name
+            );
+            tracing::warn!(source = %self.config.name, "scheduled run skipped: {reason}");
+            self.agent.telemetry.count_skipped_run();
+            self.agent.telemetry.emit(AgentEvent::RunSkipped {
+                source: self.config.name.clone(),
+                reason: reason.clone(),
+            });
+            self.agent.spool.push_report(RunReport {
+                source: self.config.name.clone(),
+                source_type: self.config.kind.as_str().to_owned(),
+                ok: true,
+                skipped: true,
+                warning: Some(format!("scheduled run skipped: {reason}")),
+                ..RunReport::default()
+            });
+            return;
+        }
+        if let Err(reason) = self.start_run(ctx) {
+            tracing::warn!(source = %self.config.name, "scheduled run skipped: {reason}");
+        }
+    }
+
     fn start_run(&mut self, ctx: &mut Context<Self>) -> Result<(), String> {
         if self.running {
             let reason = format!("a run of {:?} is still in progress", self.config.name);
@@ -84,7 +117,7 @@ impl Integration {
                 })?;
                 let gateway_id = match &config.gateway_id {
                     Some(id) => id.clone(),
-                    None => agent.wait_for_session().await.gateway_id,
+                    None => agent.gateway_id().await,
                 };
                 let update_ctx = UpdateContext {
                     agent_id: config
@@ -139,7 +172,6 @@ impl Integration {
         result: Result<RunOutcome, RunFailure>,
         ctx: &mut Context<Self>,
     ) {
-        self.running = false;
         let mut report = RunReport {
             source: self.config.name.clone(),
             source_type: self.config.kind.as_str().to_owned(),
@@ -176,14 +208,10 @@ impl Integration {
                     if let Err(e) = output.staged.remove() {
                         tracing::warn!("cannot remove empty staged run: {e}");
                     }
-                    self.hand_over(Handover::Report(report), ctx);
+                    self.running = false;
+                    self.agent.spool.push_report(report);
                 } else {
-                    let run = DeliverRun {
-                        staged: output.staged,
-                        sync_service_id: self.config.sync_service_id.clone().unwrap_or_default(),
-                        report,
-                    };
-                    self.hand_over(Handover::Deliver(run), ctx);
+                    self.spool_run(output.staged, report, ctx);
                 }
             }
             Err(RunFailure { error, counts }) => {
@@ -197,7 +225,8 @@ impl Integration {
                     tracing::error!(source = %self.config.name, run_id, kind = error.kind(), "run failed: {error}");
                 }
                 report.error = Some(reason.clone());
-                self.hand_over(Handover::Report(report), ctx);
+                self.running = false;
+                self.agent.spool.push_report(report);
                 if panicked {
                     self.guard.panicked(reason);
                     ctx.stop();
@@ -207,35 +236,52 @@ impl Integration {
     }
 }
 
-/// A finished run on its way to the chunk uploader.
-enum Handover {
-    Deliver(DeliverRun),
-    Report(RunReport),
-}
-
-/// How long to wait before offering a run again to an uploader that is
-/// restarting (or whose mailbox is full).
-const HANDOVER_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
-
 impl Integration {
-    /// Gives a finished run to the current chunk uploader. While the uploader
-    /// is being restarted its old address is dead: keep the run and offer it
-    /// again shortly, so no run is lost to an uploader restart.
-    fn hand_over(&mut self, job: Handover, ctx: &mut Context<Self>) {
-        let job = match (self.agent.peers.uploader(), job) {
-            (Some(uploader), Handover::Deliver(run)) => match uploader.try_send(run) {
-                Ok(()) => return,
-                Err(e) => Handover::Deliver(e.into_inner()),
-            },
-            (Some(uploader), Handover::Report(report)) => {
-                match uploader.try_send(ReportRun(report)) {
-                    Ok(()) => return,
-                    Err(e) => Handover::Report(e.into_inner().0),
+    /// Puts a complete run into the spool (a durable manifest write, on the
+    /// blocking pool); the source counts as running until it is there, so
+    /// that the next scheduled run sees it. The admission finishes even if
+    /// this actor dies meanwhile: a staged run is either spooled or removed.
+    fn spool_run(&mut self, staged: StagedRun, report: RunReport, ctx: &mut Context<Self>) {
+        let agent = self.agent.clone();
+        let sync_service_id = self.config.sync_service_id.clone().unwrap_or_default();
+        let chunk_max_updates = agent.bootstrap.gateway.chunk_max_updates;
+        let admission = tokio::task::spawn_blocking(move || {
+            let spool = agent.spool.clone();
+            let failed_report = report.clone();
+            let files = staged.clone();
+            let devices = staged.device_count;
+            match spool.admit(staged, sync_service_id, chunk_max_updates, report) {
+                Ok(dropped) => {
+                    agent.telemetry.emit(AgentEvent::RunSpooled {
+                        source: failed_report.source.clone(),
+                        run_id: failed_report.run_id.clone(),
+                        devices,
+                    });
+                    for run in dropped {
+                        agent.run_dropped(run);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(source = %failed_report.source, run_id = %failed_report.run_id, "run not spooled: {e}");
+                    if let Err(e) = files.remove() {
+                        tracing::warn!("cannot remove a run that could not be spooled: {e}");
+                    }
+                    spool.push_report(RunReport {
+                        ok: false,
+                        error: Some(format!("run not spooled: {e}")),
+                        error_kind: Some("spool".into()),
+                        ..failed_report
+                    });
                 }
             }
-            (None, job) => job,
-        };
-        ctx.run_later(HANDOVER_RETRY, move |act, ctx| act.hand_over(job, ctx));
+        });
+        ctx.spawn(
+            async move {
+                let _ = admission.await;
+            }
+            .into_actor(self)
+            .map(|(), act, _| act.running = false),
+        );
     }
 }
 
@@ -243,14 +289,10 @@ impl Actor for Integration {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let _ = self.start_run(ctx);
+        self.scheduled_run(ctx);
         match self.config.run_interval() {
             Some(every) => {
-                ctx.run_interval(every, |act, ctx| {
-                    if let Err(reason) = act.start_run(ctx) {
-                        tracing::warn!(source = %act.config.name, "scheduled run skipped: {reason}");
-                    }
-                });
+                ctx.run_interval(every, |act, ctx| act.scheduled_run(ctx));
             }
             None => tracing::warn!(
                 source = %self.config.name,
@@ -269,16 +311,6 @@ impl Handler<RunNow> for Integration {
 
     fn handle(&mut self, _: RunNow, ctx: &mut Self::Context) -> Self::Result {
         self.start_run(ctx)
-    }
-}
-
-impl Handler<StopSource> for Integration {
-    type Result = ();
-
-    fn handle(&mut self, _: StopSource, ctx: &mut Self::Context) {
-        self.guard.stopped("stopped by the supervisor");
-        self.cancel.store(true, Ordering::Relaxed);
-        ctx.stop();
     }
 }
 

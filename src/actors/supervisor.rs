@@ -30,8 +30,8 @@ use super::telemetry::AgentEvent;
 use super::uploader::ChunkUploader;
 use crate::config::sources::{SourceConfig, SourceEntry};
 use crate::messages::{
-    ChildExited, ChildId, ChildState, ExitReason, FaultKind, GetChildren, InjectChildFault,
-    InjectFault, ReconcileSources, ReportRun, Shutdown, StopSource,
+    ChildExited, ChildId, ChildState, Drain, ExitReason, FaultKind, GetChildren, InjectChildFault,
+    InjectFault, ReconcileSources, Shutdown, StopChild,
 };
 use crate::upload::envelope::RunReport;
 
@@ -106,6 +106,15 @@ enum Running {
 }
 
 impl Running {
+    fn stop(&self) {
+        match self {
+            Running::Gateway(a) => a.do_send(StopChild),
+            Running::Config(a) => a.do_send(StopChild),
+            Running::Uploader(a) => a.do_send(StopChild),
+            Running::Source(a) => a.do_send(StopChild),
+        }
+    }
+
     fn inject(&self, fault: FaultKind) {
         let msg = InjectFault(fault);
         match self {
@@ -127,15 +136,15 @@ struct Slot {
 }
 
 impl Slot {
-    /// Ends the current incarnation on purpose: no pending restart, and a
-    /// running source is told to stop (its exit report is then ignored, as
-    /// the caller removes or replaces the slot).
+    /// Ends the current incarnation on purpose: no pending restart, and the
+    /// running child is told to stop (its exit report is then ignored, as
+    /// the caller removes or replaces the slot, or the tree is ending).
     fn halt(&mut self, ctx: &mut Context<Supervisor>) {
         if let Some(handle) = self.pending_restart.take() {
             ctx.cancel_future(handle);
         }
-        if let Some(Running::Source(addr)) = self.running.take() {
-            addr.do_send(StopSource);
+        if let Some(running) = self.running.take() {
+            running.stop();
         }
     }
 }
@@ -147,6 +156,8 @@ pub struct Supervisor {
     /// Hashes of sources reported invalid, so one bad config is reported once.
     invalid_reported: BTreeMap<String, String>,
     shutting_down: bool,
+    /// Set by [`Drain`]: sources are stopped and never started again.
+    draining: bool,
 }
 
 impl Supervisor {
@@ -156,6 +167,7 @@ impl Supervisor {
             slots: BTreeMap::new(),
             invalid_reported: BTreeMap::new(),
             shutting_down: false,
+            draining: false,
         }
     }
 
@@ -343,16 +355,14 @@ impl Supervisor {
                             name: name.clone(),
                             reason: reason.clone(),
                         });
-                        if let Some(uploader) = self.ctx.peers.uploader() {
-                            uploader.do_send(ReportRun(RunReport {
-                                source: name,
-                                source_type: String::new(),
-                                run_id: String::new(),
-                                ok: false,
-                                error: Some(reason),
-                                ..RunReport::default()
-                            }));
-                        }
+                        self.ctx.spool.push_report(RunReport {
+                            source: name,
+                            source_type: String::new(),
+                            run_id: String::new(),
+                            ok: false,
+                            error: Some(reason),
+                            ..RunReport::default()
+                        });
                     }
                 }
             }
@@ -422,7 +432,7 @@ impl Handler<ReconcileSources> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, msg: ReconcileSources, ctx: &mut Self::Context) {
-        if !self.shutting_down {
+        if !self.shutting_down && !self.draining {
             self.reconcile(msg.0, ctx);
         }
     }
@@ -461,20 +471,49 @@ impl Handler<GetChildren> for Supervisor {
     }
 }
 
+impl Handler<Drain> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: Drain, ctx: &mut Self::Context) {
+        self.draining = true;
+        let sources: Vec<ChildId> = self
+            .slots
+            .keys()
+            .filter(|id| matches!(id, ChildId::Source(_)))
+            .cloned()
+            .collect();
+        for id in sources {
+            self.remove_child(&id, ctx);
+        }
+    }
+}
+
 impl Handler<Shutdown> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Self::Context) {
         self.shutting_down = true;
+        for slot in self.slots.values_mut() {
+            slot.halt(ctx);
+        }
         ctx.stop();
     }
 }
 
-/// Implements [`InjectFault`] and the guard bookkeeping of `stopped()` for a
-/// child actor with a `guard: ChildGuard` field.
+/// Implements [`InjectFault`] and [`StopChild`] for a child actor with a
+/// `guard: ChildGuard` field.
 #[macro_export]
 macro_rules! supervised_child {
     ($actor:ty) => {
+        impl ::actix::Handler<$crate::messages::StopChild> for $actor {
+            type Result = ();
+
+            fn handle(&mut self, _: $crate::messages::StopChild, ctx: &mut Self::Context) {
+                self.guard.stopped("stopped by the supervisor");
+                ::actix::ActorContext::stop(ctx);
+            }
+        }
+
         impl ::actix::Handler<$crate::messages::InjectFault> for $actor {
             type Result = ();
 

@@ -3,6 +3,7 @@
 //! counters (restarts, panics), readable at any time.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -62,8 +63,21 @@ pub enum AgentEvent {
         run_id: String,
         devices: u64,
     },
+    /// A staged run is durably in the spool, waiting for delivery.
+    RunSpooled {
+        source: String,
+        run_id: String,
+        devices: u64,
+    },
     RunSkipped {
         source: String,
+        reason: String,
+    },
+    /// A spooled run dropped whole (spool over its limit, or damaged files).
+    RunDropped {
+        source: String,
+        run_id: String,
+        devices: u64,
         reason: String,
     },
     RunDelivered {
@@ -93,6 +107,10 @@ pub struct ChildStats {
 pub struct Telemetry {
     events: broadcast::Sender<AgentEvent>,
     children: Mutex<BTreeMap<ChildId, ChildStats>>,
+    /// Scheduled runs skipped because the previous run awaited delivery.
+    runs_skipped: AtomicU64,
+    /// Spooled runs dropped whole.
+    runs_dropped: AtomicU64,
 }
 
 impl Default for Telemetry {
@@ -103,6 +121,8 @@ impl Default for Telemetry {
         Self {
             events,
             children: Mutex::default(),
+            runs_skipped: AtomicU64::new(0),
+            runs_dropped: AtomicU64::new(0),
         }
     }
 }
@@ -121,6 +141,24 @@ impl Telemetry {
         if let Ok(mut map) = self.children.lock() {
             f(map.entry(child.clone()).or_default());
         }
+    }
+
+    pub fn count_skipped_run(&self) {
+        self.runs_skipped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count_dropped_run(&self) {
+        self.runs_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Scheduled runs skipped so far (previous run still undelivered).
+    pub fn runs_skipped(&self) -> u64 {
+        self.runs_skipped.load(Ordering::Relaxed)
+    }
+
+    /// Spooled runs dropped so far (spool limit, damaged files).
+    pub fn runs_dropped(&self) -> u64 {
+        self.runs_dropped.load(Ordering::Relaxed)
     }
 
     /// A snapshot of every child's counters.

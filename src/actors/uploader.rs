@@ -1,21 +1,28 @@
-//! The chunk uploader: delivers staged runs to the gateway, one run at a
-//! time, in the order they were staged, then pushes each run's report.
+//! The chunk uploader: delivers the spool's runs to the gateway, one at a
+//! time, oldest first, and pushes the run reports queued with them.
 //!
 //! Data path of one run (wire.md §5–6):
 //! ```text
-//! staging file ──plan──▶ chunk spans ──ChunkReader (blocking pool)──▶ GatewayStatusChunk
+//! spooled run ──plan──▶ chunk spans ──ChunkReader (blocking pool)──▶ GatewayStatusChunk
 //!      ──bounded channel (2)──▶ StreamStatus #1 (≤ 5000 chunks) ─▶ StreamStatus #2 … ─▶ PushStatus(run report)
 //! ```
 //! The bounded channel is the memory bound: a few 1 MiB chunks in flight,
 //! whatever the run size.
 //!
+//! The uploader keeps no state of its own: the [`Spool`] holds every job
+//! until it is done, so an uploader killed mid-stream is replaced by one
+//! that starts the same job again. A run leaves the spool only once the
+//! gateway acknowledged every stream that carried it; resending a run is
+//! harmless, since the gateway's reassembly is idempotent per (agent, run,
+//! chunk).
+//!
 //! Retries: while the gateway is unreachable (transport errors) a run waits
 //! and is retried without limit — the connection actor reconnects meanwhile.
 //! A run the gateway *rejects* is retried `upload_attempts` times, then
-//! reported failed and dropped. The gateway's reassembly is idempotent per
-//! (agent, run, chunk), so a resent chunk is harmless.
+//! reported failed and dropped.
+//!
+//! [`Spool`]: crate::upload::Spool
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -28,65 +35,61 @@ use super::gateway_connection::is_transport_failure;
 use super::supervisor::ChildGuard;
 use super::telemetry::AgentEvent;
 use crate::clock::{unix_nanos, unix_secs};
-use crate::messages::{DeliverRun, ReportRun};
 use crate::proto::GatewayStatusChunk;
 use crate::upload::chunking::{plan, ChunkLimits, ChunkReader, RunIds};
 use crate::upload::envelope::RunReport;
-
-enum Job {
-    Deliver(DeliverRun),
-    Report(RunReport),
-}
+use crate::upload::spool::{Job, SpooledRun};
+use crate::upload::staging::StagedRun;
 
 pub struct ChunkUploader {
     agent: Arc<AgentContext>,
     guard: ChildGuard,
-    queue: VecDeque<Job>,
-    busy: bool,
 }
 
 impl ChunkUploader {
     pub fn new(agent: Arc<AgentContext>, guard: ChildGuard) -> Self {
-        Self {
-            agent,
-            guard,
-            queue: VecDeque::new(),
-            busy: false,
-        }
-    }
-
-    fn next_job(&mut self, ctx: &mut Context<Self>) {
-        if self.busy {
-            return;
-        }
-        let Some(job) = self.queue.pop_front() else {
-            return;
-        };
-        self.busy = true;
-        let agent = self.agent.clone();
-        ctx.spawn(
-            async move {
-                match job {
-                    Job::Deliver(run) => deliver(&agent, run).await,
-                    Job::Report(report) => push_report(&agent, &report).await,
-                }
-            }
-            .into_actor(self)
-            .map(|(), act, ctx| {
-                act.busy = false;
-                act.next_job(ctx);
-            }),
-        );
+        Self { agent, guard }
     }
 }
 
-/// Delivers one staged run, then reports it. Never returns early: every
-/// path ends with the run's report and the staging files removed.
-async fn deliver(agent: &AgentContext, run: DeliverRun) {
-    let DeliverRun {
+/// Works through the spool for as long as the actor lives. Returns only if
+/// bookkeeping itself failed (a panic in the spool's file work).
+async fn work_through_spool(agent: Arc<AgentContext>) -> String {
+    loop {
+        match agent.spool.next_job().await {
+            Job::Deliver(run) => {
+                let seq = run.seq;
+                let Some(report) = deliver(&agent, run).await else {
+                    continue; // dropped from the spool meanwhile
+                };
+                // Deleting a large run's files is file system work.
+                let spool = agent.spool.clone();
+                if let Err(e) =
+                    tokio::task::spawn_blocking(move || spool.delivered(seq, report)).await
+                {
+                    return format!("removing a delivered run from the spool failed: {e}");
+                }
+            }
+            Job::Report { seq, report } => {
+                push_report(&agent, &report).await;
+                agent.spool.done(seq);
+            }
+        }
+    }
+}
+
+/// Delivers one spooled run and returns the report to push for it: `ok`
+/// once every chunk was acknowledged, failed if the gateway kept rejecting
+/// it or its files cannot be read. `None` if the run was dropped from the
+/// spool (over its size limit) meanwhile: its failed report is queued.
+async fn deliver(agent: &AgentContext, run: SpooledRun) -> Option<RunReport> {
+    let SpooledRun {
         staged,
         sync_service_id,
+        chunk_max_updates,
         mut report,
+        mut dropped,
+        ..
     } = run;
     let ids = RunIds {
         sync_service_id,
@@ -96,8 +99,18 @@ async fn deliver(agent: &AgentContext, run: DeliverRun) {
     let mut backoff = retry_backoff(agent);
     let mut rejections = 0;
     loop {
-        let session = agent.wait_for_session().await;
-        match send_run(agent, &session, &staged, &ids).await {
+        let attempt = async {
+            let session = agent.wait_for_session().await;
+            send_run(agent, &session, &staged, &ids, chunk_max_updates).await
+        };
+        let result = tokio::select! {
+            result = attempt => result,
+            _ = dropped.wait_for(|d| *d) => {
+                tracing::warn!(source = %report.source, run_id = %report.run_id, "upload stopped: the run was dropped from the spool");
+                return None;
+            }
+        };
+        match result {
             Ok(chunks) => {
                 tracing::info!(source = %report.source, run_id = %report.run_id, devices = staged.device_count, chunks, "run delivered");
                 agent.telemetry.emit(AgentEvent::RunDelivered {
@@ -106,12 +119,12 @@ async fn deliver(agent: &AgentContext, run: DeliverRun) {
                     devices: staged.device_count,
                     chunks,
                 });
-                break;
+                return Some(report);
             }
             Err(UploadError::Local(reason)) => {
                 report.ok = false;
                 report.error = Some(reason);
-                break;
+                return Some(report);
             }
             Err(UploadError::Rpc(status)) => {
                 agent.report_rpc_failure("StreamStatus", &status);
@@ -124,20 +137,19 @@ async fn deliver(agent: &AgentContext, run: DeliverRun) {
                             status.code(),
                             status.message()
                         ));
-                        break;
+                        return Some(report);
                     }
                 }
                 let delay = backoff.next().unwrap_or(policy.reconnect_cap);
                 tracing::warn!(source = %report.source, run_id = %report.run_id, code = ?status.code(), retry_in = ?delay,
                     "run upload failed: {}", status.message());
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    _ = dropped.wait_for(|d| *d) => return None,
+                }
             }
         }
     }
-    if let Err(e) = staged.remove() {
-        tracing::warn!(path = %staged.data_path.display(), "cannot remove delivered staged run: {e}");
-    }
-    push_report(agent, &report).await;
 }
 
 enum UploadError {
@@ -151,11 +163,14 @@ enum UploadError {
 async fn send_run(
     agent: &AgentContext,
     session: &GatewaySession,
-    staged: &crate::upload::staging::StagedRun,
+    staged: &StagedRun,
     ids: &RunIds,
+    chunk_max_updates: usize,
 ) -> Result<u32, UploadError> {
+    // The chunk size the run was spooled with: a resent run must be cut
+    // into the same chunks (the gateway checks `total_chunks`).
     let limits = ChunkLimits {
-        max_updates: agent.bootstrap.gateway.chunk_max_updates,
+        max_updates: chunk_max_updates,
         ..ChunkLimits::default()
     };
     let chunk_plan = {
@@ -270,33 +285,13 @@ impl Actor for ChunkUploader {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Integration actors hand runs over with do_send; give them room.
-        ctx.set_mailbox_capacity(1024);
-        let dir = self.agent.staging_dir();
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            tracing::error!("cannot create the staging directory {}: {e}", dir.display());
-            self.guard
-                .stopped(format!("staging directory {} unusable: {e}", dir.display()));
-            ctx.stop();
-        }
-    }
-}
-
-impl Handler<DeliverRun> for ChunkUploader {
-    type Result = ();
-
-    fn handle(&mut self, msg: DeliverRun, ctx: &mut Self::Context) {
-        self.queue.push_back(Job::Deliver(msg));
-        self.next_job(ctx);
-    }
-}
-
-impl Handler<ReportRun> for ChunkUploader {
-    type Result = ();
-
-    fn handle(&mut self, msg: ReportRun, ctx: &mut Self::Context) {
-        self.queue.push_back(Job::Report(msg.0));
-        self.next_job(ctx);
+        ctx.spawn(work_through_spool(self.agent.clone()).into_actor(self).map(
+            |failure, act, ctx| {
+                tracing::error!("chunk uploader: {failure}");
+                act.guard.panicked(failure);
+                ctx.stop();
+            },
+        ));
     }
 }
 

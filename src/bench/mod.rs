@@ -304,7 +304,7 @@ pub fn run_agent(args: BenchAgentArgs) -> anyhow::Result<i32> {
     let bootstrap = Bootstrap::load(&args.bootstrap)?;
     let system = actix_rt::System::new();
     let measurement = system.block_on(async move {
-        let handle = agent::start(bootstrap);
+        let handle = agent::start(bootstrap)?;
         let mut events = handle.context.telemetry.subscribe();
         let mut run_started = None;
         let mut stage_seconds = 0.0;

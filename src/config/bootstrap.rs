@@ -94,6 +94,29 @@ impl Default for GatewayPolicy {
     }
 }
 
+/// The durable spool of runs waiting for delivery, and how long a SIGTERM
+/// waits for it to drain.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolPolicy {
+    /// Beyond this many bytes of spooled runs, the oldest whole run is
+    /// dropped (and reported failed).
+    pub max_bytes: u64,
+    /// On SIGTERM: how long uploads in flight may go on before the agent
+    /// exits (what is not delivered by then stays spooled).
+    #[serde(with = "duration_field")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for SpoolPolicy {
+    fn default() -> Self {
+        Self {
+            max_bytes: crate::upload::spool::DEFAULT_MAX_BYTES,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
 /// How HTTP sources (Armis, NetBox) talk to their APIs (sources.md "Common
 /// to all HTTP sources").
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -166,6 +189,7 @@ pub struct Bootstrap {
     pub restart: RestartPolicy,
     pub gateway: GatewayPolicy,
     pub source_http: SourceHttpPolicy,
+    pub spool: SpoolPolicy,
     /// Non-fatal findings (unknown keys, ignored values), logged at start.
     pub warnings: Vec<String>,
 }
@@ -191,6 +215,8 @@ struct RawBootstrap {
     gateway_policy: GatewayPolicy,
     #[serde(default)]
     source_http: SourceHttpPolicy,
+    #[serde(default)]
+    spool: SpoolPolicy,
     #[serde(flatten)]
     unknown: BTreeMap<String, Value>,
 }
@@ -364,6 +390,9 @@ impl Bootstrap {
                 "source_http.max_body_bytes must be at least {MIN_BODY_BYTES} (one API page)"
             ));
         }
+        if raw.spool.max_bytes == 0 {
+            return Err("spool.max_bytes must be positive".into());
+        }
         if restart.max_restarts == 0 {
             return Err("restart_policy.max_restarts must be at least 1".into());
         }
@@ -388,6 +417,7 @@ impl Bootstrap {
             restart,
             gateway: raw.gateway_policy,
             source_http: raw.source_http,
+            spool: raw.spool,
             warnings,
         })
     }

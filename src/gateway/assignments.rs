@@ -121,23 +121,26 @@ impl Assignments {
     }
 }
 
-/// Status update from a run report (wire.md §6): `result` `success` or
-/// anything else (failed).
-pub(crate) fn report_status(report: &Value, run_id: String) -> SourceStatusUpdate {
+/// Status update from a run report (wire.md §6): `result` `success`,
+/// `skipped` (a scheduled run the agent did not start because the previous
+/// one still awaits delivery: no change) or anything else (failed).
+pub(crate) fn report_status(report: &Value, run_id: String) -> Option<SourceStatusUpdate> {
     let text = |key: &str| report.get(key).and_then(Value::as_str).unwrap_or_default();
-    if text("result") == "success" {
-        SourceStatusUpdate::Succeeded {
+    match text("result") {
+        "success" => Some(SourceStatusUpdate::Succeeded {
             run_id,
             devices: report
                 .get("device_count")
                 .and_then(Value::as_u64)
                 .unwrap_or(0),
+        }),
+        "skipped" => None,
+        result => {
+            let error = match text("error") {
+                "" => format!("run {result}"),
+                e => e.to_owned(),
+            };
+            Some(SourceStatusUpdate::Failed { run_id, error })
         }
-    } else {
-        let error = match text("error") {
-            "" => format!("run {}", text("result")),
-            e => e.to_owned(),
-        };
-        SourceStatusUpdate::Failed { run_id, error }
     }
 }

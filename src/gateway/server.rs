@@ -378,11 +378,12 @@ impl GatewayService {
             s => s,
         };
         let error = Some(text("error")).filter(|e| !e.is_empty());
-        let status = report_status(&report, text("run_id"));
-        self.shared
-            .assignments
-            .record_status(key, SourceRef::Name(source.clone()), status)
-            .await;
+        if let Some(status) = report_status(&report, text("run_id")) {
+            self.shared
+                .assignments
+                .record_status(key, SourceRef::Name(source.clone()), status)
+                .await;
+        }
         let event = GatewayEvent::RunReport {
             agent_id: agent_id.to_owned(),
             source,

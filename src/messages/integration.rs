@@ -6,8 +6,3 @@ use actix::Message;
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "Result<(), String>")]
 pub struct RunNow;
-
-/// Stop the source for good (it vanished from the config or changed).
-#[derive(Message, Debug, Clone, Copy)]
-#[rtype(result = "()")]
-pub struct StopSource;

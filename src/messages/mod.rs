@@ -4,10 +4,8 @@ pub mod config;
 pub mod gateway;
 pub mod integration;
 pub mod supervision;
-pub mod upload;
 
 pub use config::*;
 pub use gateway::*;
 pub use integration::*;
 pub use supervision::*;
-pub use upload::*;

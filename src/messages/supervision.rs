@@ -82,6 +82,12 @@ pub enum FaultKind {
 #[rtype(result = "()")]
 pub struct InjectFault(pub FaultKind);
 
+/// Stops a child for good (its source vanished or changed, or the tree is
+/// shutting down); the supervisor ignores its exit.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct StopChild;
+
 /// Asks the supervisor to inject a fault into one child. Answers false when
 /// no such child is running.
 #[derive(Message, Debug, Clone)]
@@ -90,6 +96,13 @@ pub struct InjectChildFault {
     pub child: ChildId,
     pub fault: FaultKind,
 }
+
+/// Begins a graceful stop: every source is stopped and none is started
+/// again (config pushes are ignored), while the gateway connection and the
+/// uploader keep delivering the spool.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Drain;
 
 /// Ends the supervision tree: children are stopped and not restarted.
 #[derive(Message, Debug)]

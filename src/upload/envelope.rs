@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 
-use serde::{Serialize, Serializer};
+use serde::Serialize;
 
 use crate::proto::{GatewayServiceStatus, GatewayStatusChunk, GatewayStatusRequest};
 
@@ -147,7 +147,9 @@ fn truncate_at_char_boundary(s: &mut String, max: usize) {
 }
 
 /// The outcome of one run, as pushed after it (wire.md §6 run reports).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Serializable because a spooled run keeps its report on disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RunReport {
     /// The source's name (the key in `config_json.sources`).
     pub source: String,
@@ -155,6 +157,10 @@ pub struct RunReport {
     pub source_type: String,
     pub run_id: String,
     pub ok: bool,
+    /// A scheduled run not started because the source's previous run is
+    /// still waiting for delivery (`result: "skipped"`; `ok` stays true:
+    /// nothing failed).
+    pub skipped: bool,
     pub device_count: u64,
     pub duration_ms: u64,
     pub error: Option<String>,
@@ -212,7 +218,11 @@ impl RunReport {
             source: Cow::Borrowed(&self.source),
             source_type: Cow::Borrowed(&self.source_type),
             run_id: Cow::Borrowed(&self.run_id),
-            result: if self.ok { "success" } else { "failed" },
+            result: match (self.ok, self.skipped) {
+                (_, true) => "skipped",
+                (true, false) => "success",
+                (false, false) => "failed",
+            },
             device_count: self.device_count,
             duration_ms: self.duration_ms,
             error: self.error.as_deref().map(Cow::Borrowed),
@@ -324,12 +334,6 @@ impl Text {
             Text::SourceType => view.source_type = value,
             Text::RunId => view.run_id = value,
         }
-    }
-}
-
-impl Serialize for RunReport {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.json_view().serialize(serializer)
     }
 }
 

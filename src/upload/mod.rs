@@ -7,11 +7,16 @@
 //!    staged bytes;
 //! 3. [`envelope`]: each chunk is wrapped in a `GatewayStatusChunk`, and
 //!    every run, delivered or not, is reported with a `PushStatus`.
+//!
+//! Between 1 and 2, a completely staged run enters the [`spool`]: it stays
+//! on disk, in order, until the gateway has acknowledged it.
 
 pub mod chunking;
 pub mod envelope;
+pub mod spool;
 pub mod staging;
 
 pub use chunking::{plan, Chunk, ChunkLimits, ChunkPlan, ChunkReader, ChunkSpan, RunIds};
 pub use envelope::{EnvelopeFields, RunReport, MAX_REPORT_BYTES};
+pub use spool::Spool;
 pub use staging::{RunWriter, StagedRun, MAX_UPDATE_BYTES};
