@@ -115,6 +115,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// Fault injection for tests of the real binary: `FAILPOINTS` holds
+/// `name=action` pairs separated by `;` (actions as in the `fail` crate,
+/// e.g. `uploader-start=return`). Unset, nothing is injected.
+fn configure_failpoints() -> anyhow::Result<()> {
+    let Ok(spec) = std::env::var("FAILPOINTS") else {
+        return Ok(());
+    };
+    for pair in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, action) = pair
+            .split_once('=')
+            .with_context(|| format!("FAILPOINTS: {pair:?} is not name=action"))?;
+        fail::cfg(name.trim(), action.trim())
+            .map_err(|e| anyhow::anyhow!("FAILPOINTS: {pair:?}: {e}"))?;
+        eprintln!("warning: failpoint {name} set to {action} (FAILPOINTS)");
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<i32> {
     let level = cli.log_level.as_deref();
     match cli.command {
@@ -123,6 +141,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 anyhow::bail!("nothing to do: pass --config <agent.json> to run the agent, or a subcommand (see --help)");
             };
             serviceradar_agent::agent::pin_malloc_mmap_threshold();
+            configure_failpoints()?;
             let bootstrap = Bootstrap::load(&path)?;
             init_logging(level, bootstrap.log_level.as_deref());
             serviceradar_agent::agent::run(bootstrap)

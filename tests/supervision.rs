@@ -117,18 +117,15 @@ async fn every_child_restarts_with_backoff_after_stop_and_panic() {
     gw.shutdown().await;
 }
 
-/// A child that can never start (its staging directory is unusable) makes the
-/// real binary exit with the restart-intensity code and say why.
+/// A child that can never start (a failpoint refuses every uploader start)
+/// makes the real binary exit with the restart-intensity code and say why.
 #[test]
 fn restart_storm_exits_non_zero() {
     let fx = Fixture::new(&["agent-storm"]);
-    let blocker = fx.path().join("not-a-directory");
-    std::fs::write(&blocker, b"a file where the state directory should be").unwrap();
     let bootstrap = fx.bootstrap_file(
         "agent-storm",
         "127.0.0.1:9",
         json!({
-            "state_dir": blocker.join("state"),
             "restart_policy": {"backoff_base": "5ms", "backoff_cap": "20ms", "max_restarts": 3, "window": "1m"}
         }),
     );
@@ -136,6 +133,7 @@ fn restart_storm_exits_non_zero() {
         .arg("--config")
         .arg(&bootstrap)
         .env("LOG_LEVEL", "info")
+        .env("FAILPOINTS", "uploader-start=return")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

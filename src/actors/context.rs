@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use actix::Addr;
@@ -73,6 +74,50 @@ fn read_last_gateway_id(path: &std::path::Path) -> Option<String> {
         .ok()
         .map(|id| id.trim().to_owned())
         .filter(|id| !id.is_empty() && id.len() <= 255 && !id.contains(char::is_control))
+}
+
+/// The source runs going on, by source name. A run outlives a crash of its
+/// integration actor (see `integration`): the next incarnation looks here
+/// before it starts one.
+#[derive(Default)]
+pub struct RunsInProgress {
+    runs: Mutex<BTreeMap<String, (String, Arc<AtomicBool>)>>,
+}
+
+impl RunsInProgress {
+    /// Registers run `run_id` of `source`; false if one is already going on.
+    pub fn begin(&self, source: &str, run_id: &str, cancel: Arc<AtomicBool>) -> bool {
+        let Ok(mut runs) = self.runs.lock() else {
+            return false;
+        };
+        if runs.contains_key(source) {
+            return false;
+        }
+        runs.insert(source.to_owned(), (run_id.to_owned(), cancel));
+        true
+    }
+
+    /// Run `run_id` of `source` is over (reported, and spooled if complete).
+    pub fn end(&self, source: &str, run_id: &str) {
+        if let Ok(mut runs) = self.runs.lock() {
+            if runs.get(source).is_some_and(|(id, _)| id == run_id) {
+                runs.remove(source);
+            }
+        }
+    }
+
+    pub fn in_progress(&self, source: &str) -> bool {
+        self.runs.lock().is_ok_and(|runs| runs.contains_key(source))
+    }
+
+    /// Asks the run of `source`, if any, to stop (it ends as cancelled).
+    pub fn cancel(&self, source: &str) {
+        if let Ok(runs) = self.runs.lock() {
+            if let Some((_, cancel)) = runs.get(source) {
+                cancel.store(true, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// Current addresses of the actors, replaced by the supervisor on every
@@ -149,6 +194,8 @@ pub struct AgentContext {
     /// Runs waiting for delivery and reports waiting to be pushed: the
     /// uploader's whole state, so that it survives the uploader.
     pub spool: Arc<Spool>,
+    /// Source runs going on, whichever actor incarnation started them.
+    pub runs: RunsInProgress,
 }
 
 impl AgentContext {
@@ -164,6 +211,7 @@ impl AgentContext {
             applied_config_version: Mutex::default(),
             last_gateway_id: Mutex::new(last_gateway_id),
             spool,
+            runs: RunsInProgress::default(),
         })
     }
 

@@ -501,14 +501,20 @@ impl Handler<Shutdown> for Supervisor {
 }
 
 /// Implements [`InjectFault`] and [`StopChild`] for a child actor with a
-/// `guard: ChildGuard` field.
+/// `guard: ChildGuard` field. The optional second argument, a
+/// `fn(&mut Actor)`, runs on a deliberate stop (not on a crash).
 #[macro_export]
 macro_rules! supervised_child {
     ($actor:ty) => {
+        $crate::supervised_child!($actor, |_: &mut $actor| {});
+    };
+    ($actor:ty, $on_stop:expr) => {
         impl ::actix::Handler<$crate::messages::StopChild> for $actor {
             type Result = ();
 
             fn handle(&mut self, _: $crate::messages::StopChild, ctx: &mut Self::Context) {
+                let on_stop: fn(&mut $actor) = $on_stop;
+                on_stop(self);
                 self.guard.stopped("stopped by the supervisor");
                 ::actix::ActorContext::stop(ctx);
             }

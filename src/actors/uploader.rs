@@ -39,7 +39,6 @@ use crate::proto::GatewayStatusChunk;
 use crate::upload::chunking::{plan, ChunkLimits, ChunkReader, RunIds};
 use crate::upload::envelope::RunReport;
 use crate::upload::spool::{Job, SpooledRun};
-use crate::upload::staging::StagedRun;
 
 pub struct ChunkUploader {
     agent: Arc<AgentContext>,
@@ -83,16 +82,11 @@ async fn work_through_spool(agent: Arc<AgentContext>) -> String {
 /// it or its files cannot be read. `None` if the run was dropped from the
 /// spool (over its size limit) meanwhile: its failed report is queued.
 async fn deliver(agent: &AgentContext, run: SpooledRun) -> Option<RunReport> {
-    let SpooledRun {
-        staged,
-        sync_service_id,
-        chunk_max_updates,
-        mut report,
-        mut dropped,
-        ..
-    } = run;
+    let mut run = run;
+    let mut report = run.report.clone();
+    let mut dropped = run.dropped.clone();
     let ids = RunIds {
-        sync_service_id,
+        sync_service_id: run.sync_service_id.clone(),
         sync_run_id: report.run_id.clone(),
     };
     let policy = &agent.bootstrap.gateway;
@@ -101,7 +95,7 @@ async fn deliver(agent: &AgentContext, run: SpooledRun) -> Option<RunReport> {
     loop {
         let attempt = async {
             let session = agent.wait_for_session().await;
-            send_run(agent, &session, &staged, &ids, chunk_max_updates).await
+            send_run(agent, &session, &mut run, &ids).await
         };
         let result = tokio::select! {
             result = attempt => result,
@@ -112,11 +106,11 @@ async fn deliver(agent: &AgentContext, run: SpooledRun) -> Option<RunReport> {
         };
         match result {
             Ok(chunks) => {
-                tracing::info!(source = %report.source, run_id = %report.run_id, devices = staged.device_count, chunks, "run delivered");
+                tracing::info!(source = %report.source, run_id = %report.run_id, devices = run.staged.device_count, chunks, "run delivered");
                 agent.telemetry.emit(AgentEvent::RunDelivered {
                     source: report.source.clone(),
                     run_id: report.run_id.clone(),
-                    devices: staged.device_count,
+                    devices: run.staged.device_count,
                     chunks,
                 });
                 return Some(report);
@@ -158,21 +152,25 @@ enum UploadError {
     Rpc(tonic::Status),
 }
 
-/// Streams one run: one StreamStatus per ≤ 5000 chunks. Returns the number
-/// of chunks sent.
+/// Streams one run, one StreamStatus per `stream_max_chunks` chunks,
+/// starting at the first stream the gateway has not acknowledged yet
+/// (`run.acked_streams`); each acknowledgement is recorded in the spool at
+/// once, so a retry (or the next process) resumes after it. Returns the
+/// number of chunks of the run.
 async fn send_run(
     agent: &AgentContext,
     session: &GatewaySession,
-    staged: &StagedRun,
+    run: &mut SpooledRun,
     ids: &RunIds,
-    chunk_max_updates: usize,
 ) -> Result<u32, UploadError> {
-    // The chunk size the run was spooled with: a resent run must be cut
-    // into the same chunks (the gateway checks `total_chunks`).
+    // The chunk and stream sizes the run was spooled with: a resent run
+    // must be cut the same way (the gateway checks `total_chunks`).
     let limits = ChunkLimits {
-        max_updates: chunk_max_updates,
+        max_updates: run.chunk_max_updates,
+        max_chunks_per_stream: run.stream_max_chunks,
         ..ChunkLimits::default()
     };
+    let staged = &run.staged;
     let chunk_plan = {
         let path = staged.data_path.display().to_string();
         let (staged, ids, limits) = (staged.clone(), ids.clone(), limits);
@@ -181,8 +179,15 @@ async fn send_run(
             .map_err(|e| UploadError::Local(format!("chunk planning died: {e}")))?
             .map_err(|e| UploadError::Local(format!("reading staged run {path}: {e}")))?
     };
-    let streams = chunk_plan.streams(&limits);
     let total_chunks = chunk_plan.chunks.len() as u32;
+    let streams: Vec<_> = chunk_plan
+        .streams(&limits)
+        .into_iter()
+        .skip(run.acked_streams as usize)
+        .collect();
+    let Some(first_chunk) = streams.first().map(|range| range.start) else {
+        return Ok(total_chunks); // every stream was acknowledged already
+    };
     let fields = agent.envelope(session);
 
     // The producer reads chunks on the blocking pool and hands each stream
@@ -191,8 +196,8 @@ async fn send_run(
     let producer = {
         let (staged, ids) = (staged.clone(), ids.clone());
         tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let mut reader =
-                ChunkReader::open(&staged, &chunk_plan, &ids).map_err(|e| e.to_string())?;
+            let mut reader = ChunkReader::open_at(&staged, &chunk_plan, &ids, first_chunk)
+                .map_err(|e| e.to_string())?;
             for range in streams {
                 let (tx, rx) = mpsc::channel(2);
                 if streams_tx.blocking_send(rx).is_err() {
@@ -220,7 +225,22 @@ async fn send_run(
     let mut rpc_result = Ok(());
     while let Some(rx) = streams_rx.recv().await {
         match client.stream_status(ReceiverStream::new(rx)).await {
-            Ok(resp) if resp.get_ref().received => {}
+            Ok(resp) if resp.get_ref().received => {
+                run.acked_streams += 1;
+                let (spool, seq, acked) = (agent.spool.clone(), run.seq, run.acked_streams);
+                // A manifest rewrite (fsync): on the blocking pool.
+                let recorded =
+                    match tokio::task::spawn_blocking(move || spool.stream_acked(seq, acked)).await
+                    {
+                        Ok(result) => result.map_err(|e| e.to_string()),
+                        Err(join) => Err(join.to_string()),
+                    };
+                if let Err(e) = recorded {
+                    // Not fatal: a resumed upload resends that stream, which
+                    // the gateway ignores as a duplicate.
+                    tracing::warn!(run_id = %ids.sync_run_id, "stream acknowledgement not recorded: {e}");
+                }
+            }
             Ok(_) => {
                 rpc_result = Err(tonic::Status::aborted("gateway answered received=false"));
                 break;
@@ -285,6 +305,19 @@ impl Actor for ChunkUploader {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        // Restart-storm tests: an uploader that can never start.
+        let refused: Option<String> = (|| {
+            fail::fail_point!("uploader-start", |_| Some(
+                "failpoint uploader-start".to_owned()
+            ));
+            None
+        })();
+        if let Some(reason) = refused {
+            tracing::error!("chunk uploader cannot start: {reason}");
+            self.guard.stopped(reason);
+            ctx.stop();
+            return;
+        }
         ctx.spawn(work_through_spool(self.agent.clone()).into_actor(self).map(
             |failure, act, ctx| {
                 tracing::error!("chunk uploader: {failure}");

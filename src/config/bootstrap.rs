@@ -79,6 +79,10 @@ pub struct GatewayPolicy {
     /// Updates per chunk, at most 1000 (wire.md §6); smaller chunks suit
     /// slow links.
     pub chunk_max_updates: usize,
+    /// Chunks per StreamStatus call, at most 5000 (wire.md §6). A failed
+    /// upload resumes at the first stream not acknowledged, so smaller
+    /// streams lose less to a flaky link.
+    pub stream_max_chunks: usize,
 }
 
 impl Default for GatewayPolicy {
@@ -90,6 +94,7 @@ impl Default for GatewayPolicy {
             run_deadline: Duration::from_secs(600),
             upload_attempts: 5,
             chunk_max_updates: 1000,
+            stream_max_chunks: 5000,
         }
     }
 }
@@ -378,6 +383,9 @@ impl Bootstrap {
         let restart = raw.restart_policy;
         if !(1..=1000).contains(&raw.gateway_policy.chunk_max_updates) {
             return Err("gateway_policy.chunk_max_updates must be between 1 and 1000".into());
+        }
+        if !(1..=5000).contains(&raw.gateway_policy.stream_max_chunks) {
+            return Err("gateway_policy.stream_max_chunks must be between 1 and 5000".into());
         }
         if raw.source_http.request_timeout.is_zero() {
             return Err("source_http.request_timeout must be positive".into());

@@ -304,51 +304,67 @@ impl GatewayService {
                 return Err(Rejection::violation(&agent_id, v));
             }
         };
-        let outcome = session.commit().await.map_err(|e| internal(&agent_id, e))?;
+        // The stream is complete and valid: commit it, and record what it
+        // completed, in a task of its own. If the agent goes away while
+        // waiting for the answer, tonic drops this handler; the commit must
+        // still finish and the run's status and events still follow (the
+        // agent's retry is then a duplicate, which completes nothing).
+        let shared = self.shared.clone();
+        let committing = {
+            let (key, agent_id) = (key.clone(), agent_id.clone());
+            tokio::spawn(async move {
+                let outcome = session.commit().await.map_err(|e| internal(&agent_id, e))?;
 
-        let stats = &self.shared.stats;
-        StatsCounters::add(&stats.runs_completed, outcome.completed.len() as u64);
-        for chunk in &outcome.stored {
-            if let (0, Some(source)) = (chunk.chunk_index, &chunk.sync_service_id) {
-                let running = SourceStatusUpdate::Running {
-                    run_id: chunk.run_id.clone(),
-                };
-                self.shared
-                    .assignments
-                    .record_status(&key, SourceRef::Id(source.clone()), running)
-                    .await;
-            }
-        }
-        for run in &outcome.completed {
-            if let Some(source) = &run.sync_service_id {
-                let done = SourceStatusUpdate::Succeeded {
-                    run_id: run.run_id.clone(),
-                    devices: run.devices,
-                };
-                self.shared
-                    .assignments
-                    .record_status(&key, SourceRef::Id(source.clone()), done)
-                    .await;
-            }
-        }
-        for chunk in outcome.stored {
-            self.shared.emit(GatewayEvent::ChunkStored {
-                agent_id: agent_id.clone(),
-                run_id: chunk.run_id,
-                chunk_index: chunk.chunk_index,
-                total_chunks: chunk.total_chunks,
-            });
-        }
-        for run in outcome.completed {
-            tracing::info!(agent_id = %agent_id, run_id = %run.run_id, devices = run.devices,
-                rejected = run.rejected, "run complete");
-            self.shared.emit(GatewayEvent::RunComplete {
-                agent_id: agent_id.clone(),
-                run_id: run.run_id,
-                devices: run.devices,
-                rejected: run.rejected,
-            });
-        }
+                let stats = &shared.stats;
+                StatsCounters::add(&stats.runs_completed, outcome.completed.len() as u64);
+                for chunk in &outcome.stored {
+                    if let (0, Some(source)) = (chunk.chunk_index, &chunk.sync_service_id) {
+                        let running = SourceStatusUpdate::Running {
+                            run_id: chunk.run_id.clone(),
+                        };
+                        shared
+                            .assignments
+                            .record_status(&key, SourceRef::Id(source.clone()), running)
+                            .await;
+                    }
+                }
+                for run in &outcome.completed {
+                    if let Some(source) = &run.sync_service_id {
+                        let done = SourceStatusUpdate::Succeeded {
+                            run_id: run.run_id.clone(),
+                            devices: run.devices,
+                        };
+                        shared
+                            .assignments
+                            .record_status(&key, SourceRef::Id(source.clone()), done)
+                            .await;
+                    }
+                }
+                for chunk in outcome.stored {
+                    shared.emit(GatewayEvent::ChunkStored {
+                        agent_id: agent_id.clone(),
+                        run_id: chunk.run_id,
+                        chunk_index: chunk.chunk_index,
+                        total_chunks: chunk.total_chunks,
+                    });
+                }
+                for run in outcome.completed {
+                    tracing::info!(agent_id = %agent_id, run_id = %run.run_id, devices = run.devices,
+                    rejected = run.rejected, "run complete");
+                    shared.emit(GatewayEvent::RunComplete {
+                        agent_id: agent_id.clone(),
+                        run_id: run.run_id,
+                        devices: run.devices,
+                        rejected: run.rejected,
+                    });
+                }
+                Ok::<_, Rejection>(())
+            })
+        };
+        committing.await.map_err(|e| {
+            tracing::error!(error = %e, "stream commit task failed");
+            Rejection::new(Some(&agent_id), Code::Internal, "gateway storage error")
+        })??;
         Ok(StreamSummary {
             key,
             chunks,

@@ -53,11 +53,25 @@ pub struct RunManifest {
     pub run_id: String,
     pub sync_service_id: String,
     pub chunk_max_updates: usize,
+    /// Chunks per StreamStatus call: with the chunk size, this fixes how
+    /// the run is split, so that acknowledged streams can be skipped.
+    pub stream_max_chunks: usize,
+    /// Streams the gateway has acknowledged: a resumed upload starts after
+    /// them.
+    #[serde(default)]
+    pub acked_streams: u32,
     pub device_count: u64,
     /// Size of `<run_id>.jsonl`.
     pub bytes: u64,
     /// The report pushed once the run is delivered.
     pub report: RunReport,
+}
+
+/// How a run is cut for delivery, fixed when it is spooled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    pub chunk_max_updates: usize,
+    pub stream_max_chunks: usize,
 }
 
 /// A run waiting for delivery, as handed to the uploader.
@@ -67,6 +81,8 @@ pub struct SpooledRun {
     pub staged: StagedRun,
     pub sync_service_id: String,
     pub chunk_max_updates: usize,
+    pub stream_max_chunks: usize,
+    pub acked_streams: u32,
     pub report: RunReport,
     /// Becomes `true` when the run is dropped (spool over its limit) while
     /// it is being uploaded: the upload stops.
@@ -132,6 +148,8 @@ impl RunEntry {
             staged: self.staged.clone(),
             sync_service_id: self.manifest.sync_service_id.clone(),
             chunk_max_updates: self.manifest.chunk_max_updates,
+            stream_max_chunks: self.manifest.stream_max_chunks,
+            acked_streams: self.manifest.acked_streams,
             report: self.manifest.report.clone(),
             dropped: self.dropped.subscribe(),
         }
@@ -320,7 +338,7 @@ impl Spool {
         &self,
         staged: StagedRun,
         sync_service_id: String,
-        chunk_max_updates: usize,
+        split: Split,
         report: RunReport,
     ) -> Result<Vec<DroppedRun>, SpoolError> {
         let seq = {
@@ -334,7 +352,9 @@ impl Spool {
             seq,
             run_id: staged.run_id.clone(),
             sync_service_id,
-            chunk_max_updates,
+            chunk_max_updates: split.chunk_max_updates,
+            stream_max_chunks: split.stream_max_chunks,
+            acked_streams: 0,
             device_count: staged.device_count,
             bytes: staged.bytes,
             report,
@@ -485,6 +505,21 @@ impl Spool {
             self.remove_files(&staged);
         }
         self.notify();
+    }
+
+    /// The gateway acknowledged the first `acked` streams of run `seq`:
+    /// recorded durably (manifest rewrite), so that even the next process
+    /// resumes after them. Blocking (fsync).
+    pub fn stream_acked(&self, seq: u64, acked: u32) -> io::Result<()> {
+        let manifest = {
+            let mut state = self.lock();
+            let Some(Entry::Run(run)) = state.jobs.get_mut(&seq) else {
+                return Ok(()); // dropped or delivered meanwhile
+            };
+            run.manifest.acked_streams = run.manifest.acked_streams.max(acked);
+            run.manifest.clone()
+        };
+        write_manifest(&self.dir, &manifest)
     }
 
     /// A report was pushed (or given up on): forget it.
@@ -669,8 +704,12 @@ mod tests {
 
     fn admit(spool: &Spool, source: &str, run_id: &str, devices: u32) -> Vec<DroppedRun> {
         let staged = stage(spool.dir(), run_id, devices);
+        let split = Split {
+            chunk_max_updates: 1000,
+            stream_max_chunks: 5000,
+        };
         spool
-            .admit(staged, "svc".into(), 1000, report(source, run_id))
+            .admit(staged, "svc".into(), split, report(source, run_id))
             .unwrap()
     }
 
@@ -721,6 +760,18 @@ mod tests {
         let (spool, recovery) = Spool::open(dir.path(), DEFAULT_MAX_BYTES).unwrap();
         let pending: Vec<_> = recovery.pending.iter().map(|p| p.1.as_str()).collect();
         assert_eq!(pending, ["r1", "r2", "r4"]);
+        // Acknowledged streams are remembered across a reopen.
+        let Some(Job::Deliver(r1)) = spool.peek() else {
+            panic!("r1 first")
+        };
+        assert_eq!(r1.acked_streams, 0);
+        spool.stream_acked(r1.seq, 2).unwrap();
+        drop(spool);
+        let (spool, _) = Spool::open(dir.path(), DEFAULT_MAX_BYTES).unwrap();
+        let Some(Job::Deliver(r1)) = spool.peek() else {
+            panic!("r1 first")
+        };
+        assert_eq!((r1.staged.run_id.as_str(), r1.acked_streams), ("r1", 2));
         assert_eq!(recovery.removed_incomplete.len(), 3, "{recovery:?}");
         // New runs go behind the recovered ones.
         admit(&spool, "B", "r5", 2);
