@@ -3,6 +3,7 @@
 //! deadline only turns a hang into a failure; tests synchronise on events).
 #![allow(dead_code)]
 
+pub mod fault_proxy;
 pub mod process;
 
 use std::collections::BTreeMap;
@@ -191,4 +192,136 @@ pub fn expected_devices(
             )
         })
         .collect()
+}
+
+/// The real agent binary run on `bootstrap` as a child process (killed when
+/// dropped), its log (stderr, `info`) in `log`: chaos tests measure its
+/// memory and check it is still alive.
+pub struct AgentProcess {
+    pub process: process::Running,
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    pub fn start(bootstrap: &Path, log: PathBuf) -> Self {
+        let stderr = std::fs::File::create(&log).expect("agent log file");
+        let child = std::process::Command::new(process::BIN)
+            .arg("--config")
+            .arg(bootstrap)
+            .env_remove("RUST_LOG")
+            .env("LOG_LEVEL", "info")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("agent binary starts");
+        Self {
+            process: process::Running(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.0.id()
+    }
+
+    /// Still running (not exited, not a zombie we reaped).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.process.0.try_wait(), Ok(None))
+    }
+
+    /// Peak resident set size so far (`VmHWM`), in KiB.
+    pub fn vm_hwm_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("agent /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc status")
+    }
+
+    /// The last `n` lines of the agent's log, for failure messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+/// What a gateway reported, collected by a background task so that nothing
+/// is lost or lagged while a test waits on something else (a proxy counter,
+/// an outage). See [`record_gateway`].
+#[derive(Clone, Debug, Default)]
+pub struct GatewayLog {
+    pub hellos: u64,
+    pub chunks_stored: u64,
+    pub streams_accepted: u64,
+    /// Reasons of rejected streams ("stream aborted: …" when the link died).
+    pub streams_rejected: Vec<String>,
+    /// (run id, devices) per RunComplete.
+    pub runs: Vec<(String, u64)>,
+    /// Run reports as sent.
+    pub reports: Vec<Value>,
+    pub control_streams: u64,
+    /// (command id, success, message) per CommandResult.
+    pub commands: Vec<(String, bool, String)>,
+}
+
+pub fn record_gateway(gw: &GatewayHandle) -> tokio::sync::watch::Receiver<GatewayLog> {
+    use gateway::GatewayEvent as E;
+    let mut events = gw.subscribe();
+    let (tx, rx) = tokio::sync::watch::channel(GatewayLog::default());
+    tokio::spawn(async move {
+        loop {
+            let event = match events.recv().await {
+                Ok(e) => e,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    panic!("gateway event recorder lagged by {n}")
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            tx.send_modify(|s| match event {
+                E::Hello { .. } => s.hellos += 1,
+                E::ChunkStored { .. } => s.chunks_stored += 1,
+                E::StreamAccepted { .. } => s.streams_accepted += 1,
+                E::StreamRejected { reason, .. } => s.streams_rejected.push(reason),
+                E::RunComplete {
+                    run_id, devices, ..
+                } => s.runs.push((run_id, devices)),
+                E::RunReport { report, .. } => s.reports.push(report),
+                E::ControlStreamOpened { .. } => s.control_streams += 1,
+                E::CommandResult {
+                    command_id,
+                    success,
+                    message,
+                    ..
+                } => s.commands.push((command_id, success, message)),
+                _ => {}
+            });
+        }
+    });
+    rx
+}
+
+/// Waits until the log satisfies `pred`; on timeout panics with the log and
+/// `context()` (e.g. the agent's log tail).
+pub async fn wait_log(
+    rx: &mut tokio::sync::watch::Receiver<GatewayLog>,
+    what: &str,
+    pred: impl FnMut(&GatewayLog) -> bool,
+    context: impl FnOnce() -> String,
+) -> GatewayLog {
+    let waited = tokio::time::timeout(DEADLINE, rx.wait_for(pred))
+        .await
+        .map(|r| r.map(|log| log.clone()));
+    match waited {
+        Ok(Ok(log)) => log,
+        _ => panic!(
+            "no {what} within {DEADLINE:?}: {:?}\n{}",
+            rx.borrow().clone(),
+            context()
+        ),
+    }
 }
