@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -20,7 +19,7 @@ use common::process::BIN;
 use common::*;
 use serde_json::{json, Value};
 use serviceradar_agent::agent;
-use serviceradar_agent::gateway::{GatewayEvent, GatewayHandle};
+use serviceradar_agent::gateway::GatewayEvent;
 use serviceradar_agent::messages::{ChildId, FaultKind, InjectChildFault};
 use tokio::process::{Child, Command};
 
@@ -29,45 +28,6 @@ use tokio::process::{Child, Command};
 /// "Reliability"); the bound, as in chaos_network, catches a run buffered in
 /// memory (tens of MiB for this one).
 const AGENT_PEAK_RSS_LIMIT_KIB: u64 = 64 * 1024;
-
-/// The gateway holds exactly the generator's devices, once each.
-async fn assert_exactly_once(gw: &GatewayHandle, devices: u64, seed: u64) {
-    let store = gw.store().expect("gateway has a store");
-    let rows = store.devices().await.unwrap();
-    assert_eq!(rows.len() as u64, devices, "per-source device rows");
-    let stored: BTreeSet<_> = rows
-        .iter()
-        .map(|r| {
-            (
-                r.device_key.clone(),
-                r.ip.clone().unwrap(),
-                r.mac.clone(),
-                r.hostname.clone(),
-            )
-        })
-        .collect();
-    assert_eq!(stored, expected_devices(devices, seed));
-    assert_eq!(store.canonical_device_count().await.unwrap(), devices);
-    let runs = store.runs().await.unwrap();
-    let ids: BTreeSet<_> = runs.iter().map(|r| r.run_id.clone()).collect();
-    assert_eq!(ids.len(), runs.len(), "a run completed twice: {runs:?}");
-}
-
-/// Run ids with a manifest in the spool directory.
-fn spooled_runs(dir: &Path) -> Vec<String> {
-    let mut ids: Vec<String> = std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| {
-                    let name = e.ok()?.file_name().to_string_lossy().into_owned();
-                    name.strip_suffix(".run").map(str::to_owned)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    ids.sort();
-    ids
-}
 
 /// `VmHWM` (peak resident set) of a live process, in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -172,7 +132,7 @@ async fn sigkill_mid_upload_then_restart_delivers_every_device_once() {
         store.runs().await.unwrap().is_empty(),
         "killed mid-upload: no run complete yet"
     );
-    let spooled = spooled_runs(&spool_dir);
+    let spooled = spooled_run_ids(&spool_dir).into_iter().collect::<Vec<_>>();
     assert_eq!(spooled.len(), 1, "the run is spooled: {spooled:?}");
 
     let (mut agent, log) = spawn_agent(fx.path(), &bootstrap, "agent-2");
@@ -252,7 +212,7 @@ async fn sigterm_mid_upload_exits_zero_and_the_next_start_completes_delivery() {
         cut || text.contains("everything spooled was delivered"),
         "the drain either delivered or was cut at the deadline:\n{text}"
     );
-    let spooled = spooled_runs(&spool_dir);
+    let spooled = spooled_run_ids(&spool_dir).into_iter().collect::<Vec<_>>();
     if cut {
         assert_eq!(spooled.len(), 1, "the cut run stays spooled");
     }
@@ -320,7 +280,10 @@ async fn sigterm_mid_staging_exits_zero_and_the_next_start_delivers() {
     );
     assert!(gw.store().unwrap().runs().await.unwrap().is_empty());
     assert!(
-        spooled_runs(&spool_dir).is_empty(),
+        spooled_run_ids(&spool_dir)
+            .into_iter()
+            .collect::<Vec<_>>()
+            .is_empty(),
         "a cut run is not spooled"
     );
 

@@ -402,12 +402,7 @@ impl Rig {
             .map(|r| {
                 assert_eq!(r.agent_id, AGENT);
                 assert_eq!(r.last_run_id, run_id);
-                (
-                    r.device_key.clone(),
-                    r.ip.clone().unwrap(),
-                    r.mac.clone(),
-                    r.hostname.clone(),
-                )
+                device_tuple(r)
             })
             .collect();
         assert!(

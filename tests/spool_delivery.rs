@@ -9,9 +9,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
-use std::path::Path;
-
 use common::*;
 use serde_json::{json, Value};
 use serviceradar_agent::actors::telemetry::AgentEvent;
@@ -28,18 +25,33 @@ fn faker_every(every: &str) -> Value {
     source
 }
 
-/// Spooled runs (their manifests) in `dir`.
-fn spooled_run_ids(dir: &Path) -> BTreeSet<String> {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| {
-                    let name = e.ok()?.file_name().to_string_lossy().into_owned();
-                    name.strip_suffix(".run").map(str::to_owned)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+/// Starts a gateway and the agent, waits for the first run to complete,
+/// then stops the gateway and waits until the agent noticed.
+async fn first_run_then_outage(
+    fx: &Fixture,
+    agent_id: &str,
+    sources: &[(&str, Value)],
+) -> (
+    std::net::SocketAddr,
+    agent::AgentHandle,
+    tokio::sync::broadcast::Receiver<AgentEvent>,
+) {
+    let gw = fx.gateway(sources).await;
+    let addr = gw.local_addr();
+    let mut gw_events = gw.subscribe();
+    let agent =
+        agent::start(fx.bootstrap(agent_id, &addr.to_string(), json!({}))).expect("agent starts");
+    let mut events = agent.context.telemetry.subscribe();
+    wait_for(&mut gw_events, "first run", |e| {
+        matches!(e, GatewayEvent::RunComplete { .. }).then_some(())
+    })
+    .await;
+    gw.shutdown().await;
+    wait_for(&mut events, "disconnect noticed", |e| {
+        matches!(e, AgentEvent::GatewayDisconnected { .. }).then_some(())
+    })
+    .await;
+    (addr, agent, events)
 }
 
 async fn restart_gateway(
@@ -52,30 +64,6 @@ async fn restart_gateway(
     gateway::start(config)
         .await
         .expect("gateway restarts on the same port")
-}
-
-/// The gateway holds exactly the generator's devices, once each, and every
-/// completed run carried all of them.
-async fn assert_exactly_once(gw: &GatewayHandle) {
-    let store = gw.store().expect("gateway has a store");
-    let rows = store.devices().await.unwrap();
-    let stored: BTreeSet<_> = rows
-        .iter()
-        .map(|r| {
-            (
-                r.device_key.clone(),
-                r.ip.clone().unwrap(),
-                r.mac.clone(),
-                r.hostname.clone(),
-            )
-        })
-        .collect();
-    assert_eq!(rows.len() as u64, DEVICES);
-    assert_eq!(stored, expected_devices(DEVICES, 11));
-    assert_eq!(store.canonical_device_count().await.unwrap(), DEVICES);
-    let runs = store.runs().await.unwrap();
-    let ids: BTreeSet<_> = runs.iter().map(|r| r.run_id.clone()).collect();
-    assert_eq!(ids.len(), runs.len(), "a run completed twice: {runs:?}");
 }
 
 /// The next run to enter the spool.
@@ -91,21 +79,7 @@ async fn wait_run_spooled(events: &mut tokio::sync::broadcast::Receiver<AgentEve
 async fn an_outage_spools_the_run_skips_scheduled_runs_and_delivers_when_the_gateway_is_back() {
     let fx = Fixture::new(&["agent-spool"]);
     let sources = [("agent-spool", json!({"S": faker_every("300ms")}))];
-    let gw = fx.gateway(&sources).await;
-    let addr = gw.local_addr();
-    let mut gw_events = gw.subscribe();
-    let agent = agent::start(fx.bootstrap("agent-spool", &addr.to_string(), json!({})))
-        .expect("agent starts");
-    let mut events = agent.context.telemetry.subscribe();
-    wait_for(&mut gw_events, "first run", |e| {
-        matches!(e, GatewayEvent::RunComplete { .. }).then_some(())
-    })
-    .await;
-    gw.shutdown().await;
-    wait_for(&mut events, "disconnect noticed", |e| {
-        matches!(e, AgentEvent::GatewayDisconnected { .. }).then_some(())
-    })
-    .await;
+    let (addr, agent, mut events) = first_run_then_outage(&fx, "agent-spool", &sources).await;
 
     // The next scheduled run is staged and spooled, not lost...
     let outage_run = wait_run_spooled(&mut events).await;
@@ -183,7 +157,7 @@ async fn an_outage_spools_the_run_skips_scheduled_runs_and_delivers_when_the_gat
         !left.contains(&outage_run) && !left.contains(&manual_run),
         "{left:?}"
     );
-    assert_exactly_once(&gw).await;
+    assert_exactly_once(&gw, DEVICES, 11).await;
     agent.shutdown();
     gw.shutdown().await;
 }
@@ -192,21 +166,7 @@ async fn an_outage_spools_the_run_skips_scheduled_runs_and_delivers_when_the_gat
 async fn a_restarted_agent_replays_the_spool_and_drops_the_oldest_run_over_the_limit() {
     let fx = Fixture::new(&["agent-limit"]);
     let sources = [("agent-limit", json!({"L": faker_every("1h")}))];
-    let gw = fx.gateway(&sources).await;
-    let addr = gw.local_addr();
-    let mut gw_events = gw.subscribe();
-    let agent = agent::start(fx.bootstrap("agent-limit", &addr.to_string(), json!({})))
-        .expect("agent starts");
-    let mut events = agent.context.telemetry.subscribe();
-    wait_for(&mut gw_events, "first run", |e| {
-        matches!(e, GatewayEvent::RunComplete { .. }).then_some(())
-    })
-    .await;
-    gw.shutdown().await;
-    wait_for(&mut events, "disconnect noticed", |e| {
-        matches!(e, AgentEvent::GatewayDisconnected { .. }).then_some(())
-    })
-    .await;
+    let (addr, agent, mut events) = first_run_then_outage(&fx, "agent-limit", &sources).await;
     let integration = agent.context.peers.integration("L").unwrap();
     assert_eq!(integration.send(RunNow).await.unwrap(), Ok(()));
     let old_run = wait_run_spooled(&mut events).await;
@@ -281,7 +241,7 @@ async fn a_restarted_agent_replays_the_spool_and_drops_the_oldest_run_over_the_l
     })
     .await;
     assert_eq!(delivered, (new_run, DEVICES));
-    assert_exactly_once(&gw).await;
+    assert_exactly_once(&gw, DEVICES, 11).await;
     agent.shutdown();
     gw.shutdown().await;
 }

@@ -167,6 +167,50 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out after {DEADLINE:?}: {what}"))
 }
 
+/// A stored per-source row in the shape [`expected_devices`] gives.
+pub fn device_tuple(
+    r: &serviceradar_agent::gateway::DeviceRow,
+) -> (String, String, Option<String>, Option<String>) {
+    (
+        r.device_key.clone(),
+        r.ip.clone().unwrap_or_default(),
+        r.mac.clone(),
+        r.hostname.clone(),
+    )
+}
+
+/// The gateway holds exactly the Faker generator's `devices` (first run of
+/// `seed`), once each: per-source rows equal to them, as many canonical
+/// devices, and no run completed twice.
+pub async fn assert_exactly_once(gw: &GatewayHandle, devices: u64, seed: u64) {
+    let store = gw.store().expect("gateway has a store");
+    let rows = store.devices().await.unwrap();
+    assert_eq!(rows.len() as u64, devices, "per-source device rows");
+    let stored: std::collections::BTreeSet<_> = rows.iter().map(device_tuple).collect();
+    assert!(
+        stored == expected_devices(devices, seed),
+        "stored devices differ from the generated ones"
+    );
+    assert_eq!(store.canonical_device_count().await.unwrap(), devices);
+    let runs = store.runs().await.unwrap();
+    let ids: std::collections::BTreeSet<_> = runs.iter().map(|r| r.run_id.clone()).collect();
+    assert_eq!(ids.len(), runs.len(), "a run completed twice: {runs:?}");
+}
+
+/// Run ids with a manifest (`<run>.run`) in an agent's spool directory.
+pub fn spooled_run_ids(dir: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| {
+                    let name = e.ok()?.file_name().to_string_lossy().into_owned();
+                    name.strip_suffix(".run").map(str::to_owned)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// `(armis id, ip, first MAC upper-cased, name)` of every device of a Faker
 /// generator's first run: what the gateway must end up storing.
 pub fn expected_devices(
