@@ -150,6 +150,34 @@ pub fn parse_results(
     parse_results_generic(message, policy, keep_devices)
 }
 
+/// Every reader's own answer for one message: the reference reader's, the
+/// serde reader's (UTF-8 only) and the scanner's (validate-only mode, UTF-8,
+/// when it does not give up).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct ReaderAnswers {
+    pub reference: Result<ParsedResults, Violation>,
+    pub serde: Option<Result<ParsedResults, String>>,
+    pub scanner: Option<ParsedResults>,
+}
+
+/// Runs each reader of [`parse_results`] on its own. `#[doc(hidden)]`: the
+/// fuzz targets and integration property tests hold the fast readers to the
+/// reference with it, as the unit tests' `assert_same` does; the gateway
+/// itself only calls [`parse_results`].
+#[doc(hidden)]
+pub fn each_reader(message: &[u8], policy: &UpdatePolicy, keep_devices: bool) -> ReaderAnswers {
+    let text = std::str::from_utf8(message).ok();
+    ReaderAnswers {
+        reference: parse_results_generic(message, policy, keep_devices),
+        serde: text
+            .map(|text| parse_with_serde(text, policy, keep_devices).map_err(|e| e.to_string())),
+        scanner: text
+            .filter(|_| !keep_devices)
+            .and_then(|text| scan_validate_only(text, policy)),
+    }
+}
+
 /// The reference implementation of [`parse_results`]: every element becomes
 /// a `serde_json::Value` first. Slow (it allocates every key and value of
 /// every update); used to word errors and, in tests, as the oracle.

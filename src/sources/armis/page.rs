@@ -34,11 +34,22 @@ pub struct PageHead {
 }
 
 /// Parses `body`, calling `each` for every element of `data.results`.
+///
+/// A body that is not UTF-8 is refused as a whole (JSON is UTF-8, RFC 8259
+/// §8.1): serde_json only checks the strings it reads, not those it skips,
+/// so a stray byte in an ignored key would pass when the page is read in
+/// one pass and fail it when it is read again device by device.
 pub fn read_page<'de, T: Deserialize<'de>>(
     body: &'de [u8],
     each: &mut dyn FnMut(T),
 ) -> serde_json::Result<PageHead> {
-    let mut de = serde_json::Deserializer::from_slice(body);
+    let text = std::str::from_utf8(body).map_err(|e| {
+        de::Error::custom(format_args!(
+            "the page is not UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ))
+    })?;
+    let mut de = serde_json::Deserializer::from_str(text);
     let head = PageSeed { each }.deserialize(&mut de)?;
     de.end()?;
     Ok(head)
@@ -215,5 +226,18 @@ mod tests {
         ] {
             assert!(ids(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Found by the `armis_page` fuzz target: invalid UTF-8 in a key the
+    /// reader skips is refused wherever it is, with its offset.
+    #[test]
+    fn a_page_that_is_not_utf8_is_refused() {
+        let body = b"{\"data\":{\"results\":[{\"id\":1,\"x\":\"\xff\"}]},\"y\":\"\xfe\"}";
+        let err = read_page::<IgnoredAny>(body, &mut |_| {}).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not UTF-8 (invalid byte at offset 33)"),
+            "{err}"
+        );
     }
 }

@@ -362,10 +362,10 @@ struct Page {
 
 /// What the fetch loop needs from a page before fetching the next one.
 #[derive(Debug)]
-struct Envelope {
-    next: Option<String>,
+pub struct Envelope {
+    pub next: Option<String>,
     /// Length of `results`.
-    results: usize,
+    pub results: usize,
 }
 
 /// Reads a page's envelope (`next`, the length of `results`) without
@@ -387,6 +387,15 @@ async fn scan_envelope(body: Bytes) -> Result<Result<Envelope, String>, FetchErr
 }
 
 fn parse_envelope(body: &[u8]) -> Result<Envelope, String> {
+    // JSON is UTF-8 (RFC 8259 §8.1), checked for the whole page: serde_json
+    // only checks the strings it reads, so a stray byte in a skipped key
+    // would pass while the same byte in a device fails the page.
+    if let Err(e) = std::str::from_utf8(body) {
+        return Err(format!(
+            "invalid JSON page: not UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ));
+    }
     #[derive(Deserialize)]
     struct Raw {
         #[serde(default)]
@@ -395,6 +404,11 @@ fn parse_envelope(body: &[u8]) -> Result<Envelope, String> {
         results: Option<Counted>,
     }
     let raw: Raw = serde_json::from_slice(body).map_err(|e| invalid_page(&e, body))?;
+    // serde reads a struct from a JSON array as well (`[null, []]`), and
+    // an empty list ends the run as complete: a list must be an object.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err("not a NetBox list: the page is not a JSON object".into());
+    }
     let Some(Counted(results)) = raw.results else {
         return Err("not a NetBox list: no `results` array".into());
     };
@@ -402,6 +416,31 @@ fn parse_envelope(body: &[u8]) -> Result<Envelope, String> {
         next: raw.next,
         results,
     })
+}
+
+/// One page as a run reads it, without the HTTP: the envelope first (an
+/// unusable one fails the page, naming `request`), then, unless `results`
+/// is empty (the run stops there), every device staged into `sink`.
+/// `#[doc(hidden)]`: it exists for the property tests and fuzz targets,
+/// which have no NetBox server; runs go through `walk` and the stager.
+#[doc(hidden)]
+pub fn process_page(
+    body: &[u8],
+    request: &str,
+    ctx: &UpdateContext,
+    blacklist: &[IpNet],
+    sink: &mut DeviceSink,
+) -> Result<Envelope, FetchError> {
+    let envelope =
+        parse_envelope(body).map_err(|detail| FetchError::bad_response(request, detail))?;
+    if envelope.results > 0 {
+        let page = Page {
+            body: Bytes::copy_from_slice(body),
+            request: request.to_owned(),
+        };
+        stage_page(page, sink, ctx, blacklist)?;
+    }
+    Ok(envelope)
 }
 
 /// A JSON array whose elements are skipped, only counted.
@@ -497,7 +536,12 @@ pub fn error_message(body: &[u8]) -> String {
             .as_ref()
             .and_then(json_message)
         {
-            return excerpt(message.as_bytes());
+            // `excerpt` blanks control characters: a message of nothing
+            // else (`"\u007f"`) would read as no message at all.
+            let message = excerpt(message.as_bytes());
+            if !message.is_empty() {
+                return message;
+            }
         }
     }
     let text = excerpt(body);
@@ -689,6 +733,10 @@ mod tests {
             br#"{"next":5,"results":[]}"#,
             br#"{"results":[{"id":1},"#,
             b"<html>",
+            // serde reads a struct from an array: not a list all the same
+            // (found checking the `netbox_page` fuzz target's property).
+            br#"[null,[]]"#,
+            br#" ["http://x/?offset=2",[{"id":1}]]"#,
         ] {
             assert!(
                 parse_envelope(bad).is_err(),
@@ -699,5 +747,30 @@ mod tests {
         assert!(parse_envelope(b"<html>oops</html>")
             .unwrap_err()
             .contains("<html>oops"));
+    }
+
+    /// Found by the `netbox_page` fuzz target: a JSON message made only of
+    /// control characters gave an empty message; the body's excerpt (or
+    /// "(empty body)") is used instead.
+    #[test]
+    fn an_unreadable_message_falls_back_to_the_body() {
+        assert_eq!(error_message(b"\"\x7f\"\n\n\n\n"), "\" \"");
+        assert_eq!(
+            error_message(br#"{"detail": "\u0001"}"#),
+            r#"{"detail": "\u0001"}"#
+        );
+        assert_eq!(error_message(b"\x7f\x01"), "(empty body)");
+    }
+
+    /// The rule the Armis page reader got from its fuzz target: invalid
+    /// UTF-8 is refused wherever it is (here in a key nobody reads), with
+    /// its offset.
+    #[test]
+    fn a_page_that_is_not_utf8_is_refused() {
+        let err = parse_envelope(b"{\"results\":[],\"x\":\"\xff\"}").unwrap_err();
+        assert!(
+            err.contains("not UTF-8 (invalid byte at offset 19)"),
+            "{err}"
+        );
     }
 }
