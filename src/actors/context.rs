@@ -15,7 +15,6 @@ use super::gateway_connection::GatewayConnection;
 use super::integration::Integration;
 use super::supervisor::Supervisor;
 use super::telemetry::Telemetry;
-use super::uploader::ChunkUploader;
 use crate::config::bootstrap::Bootstrap;
 use crate::proto::agent_gateway_service_client::AgentGatewayServiceClient;
 use crate::upload::Spool;
@@ -132,7 +131,6 @@ struct PeerAddrs {
     supervisor: Option<Addr<Supervisor>>,
     gateway: Option<Addr<GatewayConnection>>,
     config: Option<Addr<ConfigActor>>,
-    uploader: Option<Addr<ChunkUploader>>,
     integrations: BTreeMap<String, Addr<Integration>>,
 }
 
@@ -154,7 +152,6 @@ impl Peers {
         supervisor, set_supervisor, supervisor: Supervisor;
         gateway, set_gateway, gateway: GatewayConnection;
         config, set_config, config: ConfigActor;
-        uploader, set_uploader, uploader: ChunkUploader;
     }
 
     pub fn integration(&self, name: &str) -> Option<Addr<Integration>> {

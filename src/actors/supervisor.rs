@@ -212,7 +212,6 @@ impl Supervisor {
             }
             ChildSpec::Uploader => {
                 let addr = ChunkUploader::new(agent, guard).start();
-                peers.set_uploader(Some(addr.clone()));
                 Running::Uploader(addr)
             }
             ChildSpec::Source(config) => {
